@@ -1,0 +1,84 @@
+"""Command line: `pyshim serve` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shim import __version__
+from shim.config import (
+    DEFAULT_NETNS_DIR,
+    DEFAULT_ROOT,
+    DEFAULT_RUN_ROOT,
+    DEFAULT_RUNTIME_HANDLER,
+    DEFAULT_SOCKET,
+    Config,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyshim", description="A small CRI runtime for Kubernetes nodes.")
+    parser.add_argument("--version", action="version", version=f"pyshim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the CRI daemon", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="unix socket to serve CRI on (created 0660)")
+    serve.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="persistent state: sandbox records, images")
+    serve.add_argument(
+        "--run-root", type=Path, default=DEFAULT_RUN_ROOT, help="runtime state: namespace pins; gone after a reboot"
+    )
+    serve.add_argument(
+        "--netns-dir", type=Path, default=DEFAULT_NETNS_DIR,
+        help="where pod network namespaces are pinned (the dir `ip netns` reads)",
+    )
+    serve.add_argument("--pause", type=Path, default=None, help="pause executable; unset: the one built into the package")
+    serve.add_argument(
+        "--runtime-handler", action="append", dest="runtime_handlers", default=None, metavar="NAME",
+        help=f"runtime handler names accepted in RunPodSandbox; the first is the default; unset: {DEFAULT_RUNTIME_HANDLER}",
+    )
+    serve.add_argument("--pause-stop-timeout", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL of a pause")
+    serve.add_argument("--pause-start-timeout", type=float, default=10.0, help="seconds to wait for a pause to be ready")
+    serve.add_argument("--grpc-workers", type=int, default=32, help="threads serving requests")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--fail-at", default=None, metavar="STEP",
+        help="for tests: make every RunPodSandbox fail at STEP (mkdir, spawn, pin, network, save)",
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config(
+        socket=args.socket.absolute(),
+        root=args.root.absolute(),
+        run_root=args.run_root.absolute(),
+        netns_dir=args.netns_dir.absolute(),
+        pause_path=args.pause.absolute() if args.pause else None,
+        runtime_handlers=tuple(args.runtime_handlers or [DEFAULT_RUNTIME_HANDLER]),
+        pause_stop_timeout=args.pause_stop_timeout,
+        pause_start_timeout=args.pause_start_timeout,
+        grpc_workers=args.grpc_workers,
+        fail_at=args.fail_at,
+        log_level=args.log_level,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from shim.server import serve
+
+        config = _config(args)
+        setup_logging(config.log_level)
+        return serve(config)
+    return 2

@@ -1,0 +1,48 @@
+"""The daemon's configuration: flags become one frozen Config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SOCKET = Path("/run/pyshim/pyshim.sock")
+DEFAULT_ROOT = Path("/var/lib/pyshim")
+DEFAULT_RUN_ROOT = Path("/run/pyshim")
+DEFAULT_NETNS_DIR = Path("/run/netns")
+# The name kubelet sends when no RuntimeClass is set is "", which selects this one.
+DEFAULT_RUNTIME_HANDLER = "runc"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    socket: Path = DEFAULT_SOCKET
+    root: Path = DEFAULT_ROOT
+    run_root: Path = DEFAULT_RUN_ROOT
+    # Pinned network namespaces go here so that `ip netns` and CNI tools see them.
+    netns_dir: Path = DEFAULT_NETNS_DIR
+    pause_path: Path | None = None
+    runtime_handlers: tuple[str, ...] = (DEFAULT_RUNTIME_HANDLER,)
+    # Seconds a pause gets between SIGTERM and SIGKILL on StopPodSandbox.
+    pause_stop_timeout: float = 2.0
+    # Seconds RunPodSandbox waits for a pause to report readiness.
+    pause_start_timeout: float = 10.0
+    pause_oom_score_adj: int = -998
+    grpc_workers: int = 32
+    # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
+    fail_at: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        """Persistent sandbox records (one JSON file per sandbox)."""
+        return self.root / "sandboxes"
+
+    @property
+    def run_sandboxes_dir(self) -> Path:
+        """Per-sandbox runtime dirs: namespace pins; their presence marks a Run in flight."""
+        return self.run_root / "sandboxes"
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images"

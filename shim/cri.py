@@ -1,0 +1,97 @@
+"""Translations between pyshim's records and CRI messages (both directions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from shim._proto import api_pb2
+from shim.store import SandboxRecord, SandboxState
+
+_STATE = {
+    SandboxState.READY: api_pb2.SANDBOX_READY,
+    SandboxState.NOTREADY: api_pb2.SANDBOX_NOTREADY,
+}
+_FROM_CRI_STATE = {v: k for k, v in _STATE.items()}
+
+
+def state_from_cri(value: int) -> SandboxState:
+    return _FROM_CRI_STATE[value]
+
+
+def _metadata(record: SandboxRecord) -> api_pb2.PodSandboxMetadata:
+    md = record.metadata
+    return api_pb2.PodSandboxMetadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt)
+
+
+def pod_sandbox(record: SandboxRecord) -> api_pb2.PodSandbox:
+    return api_pb2.PodSandbox(
+        id=record.id,
+        metadata=_metadata(record),
+        state=_STATE[record.state],
+        created_at=record.created_at,
+        labels=record.labels,
+        annotations=record.annotations,
+        runtime_handler=record.runtime_handler,
+    )
+
+
+def pod_sandbox_status(record: SandboxRecord) -> api_pb2.PodSandboxStatus:
+    modes = record.modes
+    return api_pb2.PodSandboxStatus(
+        id=record.id,
+        metadata=_metadata(record),
+        state=_STATE[record.state],
+        created_at=record.created_at,
+        linux=api_pb2.LinuxPodSandboxStatus(
+            namespaces=api_pb2.Namespace(
+                # Echo what was asked for: kubelet compares it with the pod spec.
+                options=api_pb2.NamespaceOption(
+                    network=modes.network.value,
+                    pid=modes.pid.value,
+                    ipc=modes.ipc.value,
+                    target_id=modes.target_id,
+                )
+            )
+        ),
+        labels=record.labels,
+        annotations=record.annotations,
+        runtime_handler=record.runtime_handler,
+    )
+
+
+def verbose_info(record: SandboxRecord) -> dict[str, str]:
+    """`info` of a verbose PodSandboxStatus: one JSON document under the key "info"."""
+    config = api_pb2.PodSandboxConfig.FromString(record.config)
+    info: dict[str, Any] = {
+        "pid": record.pause.pid if record.pause else 0,
+        "pauseStartTime": record.pause.start_time if record.pause else 0,
+        "namespaces": record.namespaces.as_dict(),
+        "hostname": record.hostname,
+        "runtimeHandler": record.runtime_handler,
+        "config": json_format.MessageToDict(config),
+    }
+    return {"info": json.dumps(info, sort_keys=True)}
+
+
+def filesystem_usage(path: Path) -> api_pb2.FilesystemUsage:
+    """Bytes (allocated blocks) and inodes used under `path`, which need not be populated."""
+    used, inodes = 0, 0
+    for top, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(top, name))
+            used += st.st_blocks * 512
+            inodes += 1
+    st = os.lstat(path)
+    return api_pb2.FilesystemUsage(
+        timestamp=time.time_ns(),
+        fs_id=api_pb2.FilesystemIdentifier(mountpoint=str(path)),
+        used_bytes=api_pb2.UInt64Value(value=used + st.st_blocks * 512),
+        inodes_used=api_pb2.UInt64Value(value=inodes + 1),
+    )
+

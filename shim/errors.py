@@ -1,0 +1,51 @@
+"""Domain errors, each carrying the gRPC status code it maps to.
+
+This is the one module that knows about gRPC codes; the server maps a
+ShimError to its code and anything else to INTERNAL.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class ShimError(Exception):
+    """A request failed for a reason the client should see."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(ShimError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ShimError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ShimError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ShimError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ShimError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(ShimError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(ShimError):
+    """A kernel or system operation failed; the message says which and why."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InjectedFailure(Internal):
+    """Raised at a named step when the daemon was started with --fail-at (tests only)."""

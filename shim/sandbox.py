@@ -1,0 +1,348 @@
+"""The pod sandbox lifecycle: RunPodSandbox, Stop, Remove, Status, List.
+
+A sandbox is a pyshim-pause process holding fresh namespaces, the pins that
+keep those namespaces at stable paths, and a record on disk. Containers (a
+later layer) join exactly the pinned paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shim import namespaces, netlink
+from shim.config import Config
+from shim.errors import AlreadyExists, Internal, InjectedFailure, NotFound, ShimError
+from shim.pause import PauseOrders, SpawnedPause, spawn
+from shim.procs import ExitWatcher, TrackedProcess
+from shim.store import ID_RE, SandboxRecord, SandboxState, SandboxStore
+from shim.validate import SandboxSpec
+
+log = logging.getLogger(__name__)
+
+# How long a concurrent duplicate RunPodSandbox waits for the first one.
+_DUPLICATE_WAIT = 240.0
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """A record plus what only lives in memory: its lock and its pause's pidfd."""
+
+    record: SandboxRecord
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pause: TrackedProcess | None = None
+    removed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    id_prefix: str = ""
+    state: SandboxState | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+class SandboxManager:
+    def __init__(self, config: Config, pause_path: Path, watcher: ExitWatcher) -> None:
+        self.config = config
+        self.pause_path = pause_path
+        self.store = SandboxStore(config.sandboxes_dir)
+        self.watcher = watcher
+        self._lock = threading.Lock()  # guards the three maps below
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._names: dict[str, str] = {}  # reservation name -> id
+        self._pending: dict[str, threading.Event] = {}  # names whose Run is in flight
+        config.run_sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config.netns_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    # ---- RunPodSandbox -------------------------------------------------------------
+
+    def run(self, spec: SandboxSpec) -> str:
+        """Create a READY sandbox, or return the READY one that already has this name.
+
+        A duplicate of a NOTREADY sandbox is ALREADY_EXISTS; a duplicate that
+        arrives while the first is still being made waits for it.
+        """
+        name = spec.metadata.reservation
+        event = self._reserve(name)
+        if isinstance(event, str):
+            return event
+        try:
+            sandbox = self._create(spec)
+        finally:
+            with self._lock:
+                del self._pending[name]
+            event.set()
+        return sandbox.record.id
+
+    def _reserve(self, name: str) -> threading.Event | str:
+        deadline = time.monotonic() + _DUPLICATE_WAIT
+        while True:
+            with self._lock:
+                existing_id = self._names.get(name)
+                pending = self._pending.get(name)
+                if existing_id is None and pending is None:
+                    event = threading.Event()
+                    self._pending[name] = event
+                    return event
+            if existing_id is not None:
+                existing = self._sandboxes[existing_id].record
+                if existing.state is SandboxState.READY:
+                    log.info("event=run_duplicate sandbox=%s name=%s", existing_id, name)
+                    return existing_id
+                raise AlreadyExists(
+                    f"pod sandbox name {name!r} is taken by NOTREADY sandbox {existing_id}; "
+                    "remove it first (crictl rmp) or use another attempt number"
+                )
+            assert pending is not None
+            if not pending.wait(max(deadline - time.monotonic(), 0)):
+                raise AlreadyExists(f"pod sandbox name {name!r} is still being created by another request")
+
+    def _create(self, spec: SandboxSpec) -> Sandbox:
+        sandbox_id = secrets.token_hex(32)
+        run_dir = self.config.run_sandboxes_dir / sandbox_id
+        with contextlib.ExitStack() as undo:
+            # The run dir is the intent marker: if we die before the record is written,
+            # the start-up sweep finds it and removes what it names.
+            run_dir.mkdir(mode=0o700)
+            undo.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            (run_dir / "ns").mkdir()
+            self._inject("mkdir")
+
+            spawned = spawn(self.pause_path, self._orders(sandbox_id, spec), self.config.pause_start_timeout)
+            pause = self._track(sandbox_id, spawned)
+            # Watched from now on: its exit is reaped, and noticed once the record exists.
+            self.watcher.watch(pause, lambda _: self._on_pause_exit(sandbox_id))
+            undo.callback(pause.terminate, 0)
+            for warning in spawned.warnings:
+                log.info("event=pause_warning sandbox=%s detail=%r", sandbox_id, warning)
+            self._inject("spawn")
+
+            paths = self._pin_all(sandbox_id, spawned, spec, undo)
+            self._inject("pin")
+            if spawned.netlink is not None:
+                with spawned.netlink as sock:
+                    netlink.link_up(sock)
+            self._inject("network")
+
+            record = SandboxRecord(
+                id=sandbox_id,
+                metadata=spec.metadata,
+                state=SandboxState.READY,
+                created_at=time.time_ns(),
+                modes=spec.modes,
+                runtime_handler=spec.runtime_handler,
+                hostname=spec.hostname,
+                log_directory=spec.log_directory,
+                labels=spec.labels,
+                annotations=spec.annotations,
+                pause=spawned.identity,
+                namespaces=namespaces.NamespacePaths.of(paths),
+                config=spec.config,
+            )
+            self._inject("save")
+            self.store.save(record)
+            sandbox = Sandbox(record=record, pause=pause)
+            with self._lock:
+                self._sandboxes[sandbox_id] = sandbox
+                self._names[spec.metadata.reservation] = sandbox_id
+            undo.pop_all()
+        log.info(
+            "event=sandbox_ready sandbox=%s name=%s pid=%d namespaces=%s",
+            sandbox_id, spec.metadata.reservation, spawned.identity.pid, ",".join(sorted(paths)),
+        )
+        return sandbox
+
+    def _orders(self, sandbox_id: str, spec: SandboxSpec) -> PauseOrders:
+        return PauseOrders(
+            sandbox_id=sandbox_id,
+            namespaces=spec.namespaces,
+            hostname=spec.hostname or None,
+            sysctls=spec.sysctls,
+            oom_score_adj=self.config.pause_oom_score_adj,
+        )
+
+    def _track(self, sandbox_id: str, spawned: SpawnedPause) -> TrackedProcess:
+        proc = TrackedProcess.adopt(spawned.identity)
+        if proc is None:
+            if spawned.netlink is not None:
+                spawned.netlink.close()
+            raise Internal(f"pause of sandbox {sandbox_id} (pid {spawned.identity.pid}) exited at start")
+        return proc
+
+    def _pin_all(
+        self, sandbox_id: str, spawned: SpawnedPause, spec: SandboxSpec, undo: contextlib.ExitStack
+    ) -> dict[str, str]:
+        paths: dict[str, str] = {}
+        for kind in sorted(spec.namespaces):
+            target = self._pin_path(sandbox_id, kind)
+            namespaces.pin(spawned.identity.pid, kind, target)
+            undo.callback(namespaces.unpin, target)
+            paths[kind] = str(target)
+        return paths
+
+    def _pin_path(self, sandbox_id: str, kind: str) -> Path:
+        if kind == "net":
+            return self.config.netns_dir / f"pyshim-{sandbox_id}"
+        return self.config.run_sandboxes_dir / sandbox_id / "ns" / kind
+
+    def _inject(self, step: str) -> None:
+        if self.config.fail_at == step:
+            raise InjectedFailure(f"failure injected at step {step!r} (--fail-at)")
+
+    # ---- StopPodSandbox / RemovePodSandbox ----------------------------------------
+
+    def stop(self, sandbox_id: str) -> None:
+        """Kill the pause and release its namespaces. Unknown ids and repeats succeed."""
+        sandbox = self._find(sandbox_id, missing_ok=True)
+        if sandbox is None:
+            return
+        with sandbox.lock:
+            if not sandbox.removed:
+                self._stop_locked(sandbox)
+
+    def _stop_locked(self, sandbox: Sandbox) -> None:
+        record = sandbox.record
+        if record.state is SandboxState.NOTREADY and record.pause is None and not record.namespaces.paths:
+            return  # stopped before: nothing is left to release
+        if sandbox.pause is not None and not sandbox.pause.terminate(self.config.pause_stop_timeout):
+            raise Internal(f"pause of sandbox {record.id} (pid {record.pause.pid if record.pause else '?'}) did not exit after SIGKILL")
+        sandbox.pause = None
+        for path in record.namespaces.as_dict().values():
+            namespaces.unpin(Path(path))
+        sandbox.record = replace(record, state=SandboxState.NOTREADY, pause=None, namespaces=namespaces.NamespacePaths())
+        self.store.save(sandbox.record)
+        log.info("event=sandbox_stopped sandbox=%s", record.id)
+
+    def remove(self, sandbox_id: str) -> None:
+        """Stop if needed, then delete every trace. Unknown ids and repeats succeed."""
+        sandbox = self._find(sandbox_id, missing_ok=True)
+        if sandbox is None:
+            return
+        with sandbox.lock:
+            if sandbox.removed:
+                return
+            self._stop_locked(sandbox)
+            shutil.rmtree(self.config.run_sandboxes_dir / sandbox.record.id, ignore_errors=True)
+            self.store.delete(sandbox.record.id)
+            sandbox.removed = True
+        with self._lock:
+            self._sandboxes.pop(sandbox.record.id, None)
+            if self._names.get(sandbox.record.metadata.reservation) == sandbox.record.id:
+                del self._names[sandbox.record.metadata.reservation]
+        log.info("event=sandbox_removed sandbox=%s", sandbox.record.id)
+
+    def _on_pause_exit(self, sandbox_id: str) -> None:
+        """A pause died outside of Stop: the sandbox is NOTREADY; pins stay for Stop."""
+        with self._lock:
+            sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            return
+        with sandbox.lock:
+            if sandbox.removed or sandbox.record.state is not SandboxState.READY or sandbox.pause is None:
+                return
+            sandbox.pause = None
+            sandbox.record = replace(sandbox.record, state=SandboxState.NOTREADY, pause=None)
+            self.store.save(sandbox.record)
+        log.warning("event=pause_exited sandbox=%s state=NOTREADY", sandbox_id)
+
+    # ---- PodSandboxStatus / ListPodSandbox ----------------------------------------
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        sandbox = self._find(sandbox_id, missing_ok=False)
+        assert sandbox is not None
+        return sandbox.record
+
+    def list(self, flt: ListFilter) -> list[SandboxRecord]:
+        with self._lock:
+            if flt.id_prefix:
+                exact = self._sandboxes.get(flt.id_prefix)
+                candidates = [exact] if exact else [s for i, s in self._sandboxes.items() if i.startswith(flt.id_prefix)]
+            else:
+                candidates = list(self._sandboxes.values())
+        records = [s.record for s in candidates]
+        return sorted(
+            (r for r in records if _matches(r, flt)), key=lambda r: r.created_at, reverse=True
+        )
+
+    def _find(self, sandbox_id: str, missing_ok: bool) -> Sandbox | None:
+        """A sandbox by full id or unique prefix."""
+        with self._lock:
+            found = self._sandboxes.get(sandbox_id)
+            if found is None and sandbox_id:
+                matches = [s for i, s in self._sandboxes.items() if i.startswith(sandbox_id)]
+                if len(matches) > 1:
+                    raise NotFound(f"pod sandbox id prefix {sandbox_id!r} is ambiguous ({len(matches)} matches)")
+                found = matches[0] if matches else None
+        if found is None and not missing_ok:
+            raise NotFound(f"pod sandbox {sandbox_id!r} not found")
+        return found
+
+    # ---- start-up --------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reload every record, re-adopt live pauses, and sweep what a crash left half-made."""
+        records = self.store.load_all()
+        for record in records:
+            self._adopt(record)
+        self._sweep_unrecorded({r.id for r in records})
+        ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
+        log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
+
+    def _adopt(self, record: SandboxRecord) -> None:
+        pause = TrackedProcess.adopt(record.pause) if record.pause else None
+        if pause is None and record.state is SandboxState.READY:
+            record = replace(record, state=SandboxState.NOTREADY, pause=None)
+            self.store.save(record)
+            log.warning("event=pause_gone sandbox=%s state=NOTREADY", record.id)
+        sandbox = Sandbox(record=record, pause=pause)
+        self._sandboxes[record.id] = sandbox
+        self._names.setdefault(record.metadata.reservation, record.id)
+        if pause is not None:
+            self.watcher.watch(pause, lambda _: self._on_pause_exit(record.id))
+
+    def _sweep_unrecorded(self, known: set[str]) -> None:
+        """Run dirs without a record are Runs the daemon died in: undo them."""
+        for run_dir in self.config.run_sandboxes_dir.iterdir():
+            sandbox_id = run_dir.name
+            if sandbox_id in known or not ID_RE.match(sandbox_id):
+                continue
+            for pid in _pauses_of(sandbox_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            for kind in namespaces.KINDS:
+                with contextlib.suppress(ShimError):
+                    namespaces.unpin(self._pin_path(sandbox_id, kind))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.warning("event=swept_half_made sandbox=%s", sandbox_id)
+
+    def close(self) -> None:
+        """Drop pidfds; pauses keep running (a daemon restart must not stop pods)."""
+
+
+def _matches(record: SandboxRecord, flt: ListFilter) -> bool:
+    if flt.state is not None and record.state is not flt.state:
+        return False
+    return all(record.labels.get(k) == v for k, v in flt.labels)
+
+
+def _pauses_of(sandbox_id: str) -> Iterator[int]:
+    """Pids of pyshim-pause processes started for this sandbox id (from their argv)."""
+    marker = f"\0--id\0{sandbox_id}\0".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"pyshim-pause\0") and marker in cmdline:
+            yield int(entry.name)

@@ -1,0 +1,301 @@
+"""The gRPC server: socket, servicers, error mapping, shutdown.
+
+Servicer methods are thin: they check the request's shape, call the domain
+(shim.sandbox), and translate the answer (shim.cri). One wrapper logs each call
+once and maps ShimError to its status code, anything else to INTERNAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from shim import __version__, cri, validate
+from shim._proto import api_pb2, api_pb2_grpc
+from shim.config import Config
+from shim.errors import FailedPrecondition, ShimError, Unimplemented
+from shim.pause import find_pause
+from shim.procs import ExitWatcher, become_subreaper
+from shim.sandbox import ListFilter, SandboxManager
+
+log = logging.getLogger(__name__)
+
+RUNTIME_NAME = "pyshim"
+RUNTIME_API_VERSION = "v1"
+# kubelet's own CRI client allows 16 MiB messages; oversized fields get a clear
+# INVALID_ARGUMENT from validation instead of a transport error.
+MAX_MESSAGE = 16 * 1024 * 1024
+_UNIX_PATH_MAX = 107
+# Polled every second or so by kubelet: logged at debug level only.
+_QUIET = {"Version", "Status", "ListPodSandbox", "PodSandboxStatus", "ListContainers",
+          "ImageFsInfo", "ListImages", "ListContainerStats", "ContainerStatus"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(method: F) -> F:
+    """Log the call once with its outcome; map errors to gRPC status codes."""
+    name = method.__name__
+    level = logging.DEBUG if name in _QUIET else logging.INFO
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            response = method(self, request, context)
+        except ShimError as exc:
+            log.warning("rpc=%s code=%s ms=%.2f error=%r", name, exc.code.name, _ms(start), str(exc))
+            context.abort(exc.code, str(exc))
+        except Exception:
+            log.exception("rpc=%s code=INTERNAL ms=%.2f", name, _ms(start))
+            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
+        log.log(level, "rpc=%s code=OK ms=%.2f", name, _ms(start))
+        return response
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def _unimplemented(service: str, method: str) -> Callable[..., Any]:
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        raise Unimplemented(f"{service}/{method} is not implemented by pyshim yet")
+
+    handler.__name__ = method
+    return rpc(handler)
+
+
+def _fill_unimplemented(cls: type, service: str) -> type:
+    """Every method of the service that `cls` does not define answers UNIMPLEMENTED by name."""
+    descriptor = api_pb2.DESCRIPTOR.services_by_name[service]
+    for method in descriptor.methods:
+        if method.name not in cls.__dict__:
+            setattr(cls, method.name, _unimplemented(service, method.name))
+    return cls
+
+
+class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, config: Config, sandboxes: SandboxManager) -> None:
+        self.config = config
+        self.sandboxes = sandboxes
+
+    @rpc
+    def Version(self, request: api_pb2.VersionRequest, context: grpc.ServicerContext) -> api_pb2.VersionResponse:
+        return api_pb2.VersionResponse(
+            version="0.1.0",  # the CRI "kubelet runtime API" version, as containerd answers
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=RUNTIME_API_VERSION,
+        )
+
+    @rpc
+    def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
+        conditions = [
+            api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
+            api_pb2.RuntimeCondition(
+                type="NetworkReady",
+                status=False,
+                reason="NoPodNetwork",
+                message="pyshim does not set up pod networks yet: pods get a loopback interface only",
+            ),
+        ]
+        response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
+        if request.verbose:
+            response.info["info"] = json.dumps(self._status_info(), sort_keys=True)
+        return response
+
+    def _status_info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "version": __version__,
+            "socket": str(c.socket),
+            "root": str(c.root),
+            "runRoot": str(c.run_root),
+            "netnsDir": str(c.netns_dir),
+            "pause": str(self.sandboxes.pause_path),
+            "runtimeHandlers": list(c.runtime_handlers),
+            "cgroupDriver": "cgroupfs",
+            "apparmor": os.path.exists("/sys/module/apparmor"),
+            "sandboxes": len(self.sandboxes.list(ListFilter())),
+        }
+
+    @rpc
+    def RuntimeConfig(
+        self, request: api_pb2.RuntimeConfigRequest, context: grpc.ServicerContext
+    ) -> api_pb2.RuntimeConfigResponse:
+        # Explicit: in the enum 0 means SYSTEMD, and these nodes run no systemd.
+        return api_pb2.RuntimeConfigResponse(
+            linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=api_pb2.CGROUPFS)
+        )
+
+    @rpc
+    def RunPodSandbox(
+        self, request: api_pb2.RunPodSandboxRequest, context: grpc.ServicerContext
+    ) -> api_pb2.RunPodSandboxResponse:
+        spec = validate.sandbox_spec(request, self.config.runtime_handlers)
+        return api_pb2.RunPodSandboxResponse(pod_sandbox_id=self.sandboxes.run(spec))
+
+    @rpc
+    def StopPodSandbox(
+        self, request: api_pb2.StopPodSandboxRequest, context: grpc.ServicerContext
+    ) -> api_pb2.StopPodSandboxResponse:
+        self.sandboxes.stop(_required_id(request.pod_sandbox_id))
+        return api_pb2.StopPodSandboxResponse()
+
+    @rpc
+    def RemovePodSandbox(
+        self, request: api_pb2.RemovePodSandboxRequest, context: grpc.ServicerContext
+    ) -> api_pb2.RemovePodSandboxResponse:
+        self.sandboxes.remove(_required_id(request.pod_sandbox_id))
+        return api_pb2.RemovePodSandboxResponse()
+
+    @rpc
+    def PodSandboxStatus(
+        self, request: api_pb2.PodSandboxStatusRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PodSandboxStatusResponse:
+        record = self.sandboxes.get(validate.id_prefix(request.pod_sandbox_id))
+        response = api_pb2.PodSandboxStatusResponse(status=cri.pod_sandbox_status(record))
+        if request.verbose:
+            response.info.update(cri.verbose_info(record))
+        return response
+
+    @rpc
+    def ListPodSandbox(
+        self, request: api_pb2.ListPodSandboxRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListPodSandboxResponse:
+        flt = request.filter
+        id_prefix = flt.id
+        if id_prefix and not _looks_like_id(id_prefix):
+            return api_pb2.ListPodSandboxResponse()  # no sandbox can have that id
+        records = self.sandboxes.list(
+            ListFilter(
+                id_prefix=id_prefix,
+                state=cri.state_from_cri(flt.state.state) if flt.HasField("state") else None,
+                labels=tuple(flt.label_selector.items()),
+            )
+        )
+        return api_pb2.ListPodSandboxResponse(items=[cri.pod_sandbox(r) for r in records])
+
+
+class ImageService(api_pb2_grpc.ImageServiceServicer):
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.image_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @rpc
+    def ImageFsInfo(
+        self, request: api_pb2.ImageFsInfoRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ImageFsInfoResponse:
+        usage = cri.filesystem_usage(self.config.image_dir)
+        return api_pb2.ImageFsInfoResponse(image_filesystems=[usage], container_filesystems=[usage])
+
+
+_fill_unimplemented(RuntimeService, "RuntimeService")
+_fill_unimplemented(ImageService, "ImageService")
+
+
+def _required_id(value: str) -> str:
+    if not value:
+        raise validate.InvalidArgument("pod_sandbox_id is required")
+    return value
+
+
+def _looks_like_id(value: str) -> bool:
+    return len(value) <= validate.MAX_ID and all(c in "0123456789abcdef" for c in value)
+
+
+# ---- socket and lifecycle ----------------------------------------------------------------
+
+
+def prepare_socket(path: Path) -> None:
+    """Make the parent dir; replace a stale socket; refuse a live one or a non-socket."""
+    if len(str(path)) > _UNIX_PATH_MAX:
+        raise FailedPrecondition(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FailedPrecondition(f"{path} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # nobody listens: left by a daemon that died
+            return
+    raise FailedPrecondition(f"another daemon is serving on {path}")
+
+
+class Daemon:
+    """Builds and owns everything one pyshim process runs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.watcher = ExitWatcher()
+        self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher)
+        self.server: grpc.Server | None = None
+
+    def start(self) -> None:
+        # Recovery before the socket exists: no call ever sees half-loaded state.
+        self.sandboxes.recover()
+        prepare_socket(self.config.socket)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, self.sandboxes), server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(self.config), server)
+        server.add_insecure_port(f"unix:{self.config.socket}")
+        os.chmod(self.config.socket, 0o660)
+        server.start()
+        self.server = server
+        log.info("event=serving socket=%s version=%s", self.config.socket, __version__)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """In-flight calls finish (up to `grace`); pods keep running."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self.watcher.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket.unlink()
+        log.info("event=stopped")
+
+
+def serve(config: Config) -> int:
+    os.umask(0o077)
+    become_subreaper()
+    daemon = Daemon(config)
+    daemon.start()
+    done = threading.Event()
+
+    def on_signal(signo: int, _frame: object) -> None:
+        log.info("event=signal signal=%s", signal.Signals(signo).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not done.wait(3600):
+        pass
+    daemon.stop()
+    return 0

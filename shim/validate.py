@@ -1,0 +1,196 @@
+"""Checks on what a RunPodSandbox request asks for, before anything is made.
+
+Every limit here bounds memory or disk a single request can claim, or keeps a
+request string from ever reaching the kernel or a path unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shim._proto import api_pb2
+from shim.errors import InvalidArgument, Unimplemented
+from shim.store import Metadata, NamespaceMode, NamespaceModes
+
+MAX_NAME = 253  # a DNS-1123 subdomain, like a pod name
+MAX_NAMESPACE = 63  # a DNS-1123 label, like a Kubernetes namespace
+MAX_UID = 128
+MAX_HOSTNAME = 63
+MAX_LOG_DIRECTORY = 4096
+MAX_LABELS = 256
+MAX_LABEL_KEY = 317  # prefix (253) + "/" + name (63)
+MAX_LABEL_VALUE = 4096
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # Kubernetes' own limit on a pod's annotations
+MAX_SYSCTLS = 64
+MAX_ID = 64
+
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
+_ID_PREFIX = re.compile(r"^[0-9a-f]{1,64}$")
+_SYSCTL = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+# Namespaced sysctls (the pod's net, ipc namespaces); anything else would change the node.
+_NAMESPACED_SYSCTLS = re.compile(r"^(net\.|kernel\.shm|kernel\.msg|kernel\.sem$|fs\.mqueue\.)")
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """A validated RunPodSandbox request."""
+
+    metadata: Metadata
+    modes: NamespaceModes
+    runtime_handler: str
+    hostname: str
+    log_directory: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    sysctls: dict[str, str] = field(default_factory=dict)
+    config: bytes = b""
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        """The namespaces the pause must create for this pod."""
+        kinds = set()
+        if self.modes.network != NamespaceMode.NODE:
+            kinds |= {"net", "uts"}  # a host-network pod keeps the node's hostname too
+        if self.modes.ipc != NamespaceMode.NODE:
+            kinds.add("ipc")
+        if self.modes.pid == NamespaceMode.POD:
+            kinds.add("pid")
+        return frozenset(kinds)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message)
+
+
+def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...]) -> SandboxSpec:
+    _check(request.HasField("config"), "config is required")
+    config = request.config
+    metadata = _metadata(config)
+    handler = request.runtime_handler or handlers[0]
+    _check(
+        handler in handlers,
+        f"unknown runtime handler {request.runtime_handler!r} (known: {', '.join(handlers)})",
+    )
+    modes = _modes(config)
+    hostname = config.hostname
+    if hostname:
+        _check(
+            len(hostname) <= MAX_HOSTNAME and bool(_HOSTNAME.match(hostname)),
+            f"hostname {hostname[:80]!r} is not a valid host name (letters, digits, '-', '.', "
+            f"at most {MAX_HOSTNAME})",
+        )
+    log_dir = config.log_directory
+    if log_dir:
+        _check(
+            log_dir.startswith("/") and len(log_dir) <= MAX_LOG_DIRECTORY and "\0" not in log_dir
+            and ".." not in log_dir.split("/"),
+            f"log_directory {log_dir[:80]!r} must be an absolute path without '..'",
+        )
+    _check_labels(config.labels, "label")
+    annotations_size = sum(len(k) + len(v) for k, v in config.annotations.items())
+    _check(
+        annotations_size <= MAX_ANNOTATIONS_BYTES,
+        f"annotations take {annotations_size} bytes, the limit is {MAX_ANNOTATIONS_BYTES}",
+    )
+    _check_security(config)
+    sysctls = _sysctls(config, modes)
+    return SandboxSpec(
+        metadata=metadata,
+        modes=modes,
+        runtime_handler=handler,
+        hostname=hostname if modes.network != NamespaceMode.NODE else "",
+        log_directory=log_dir,
+        labels=dict(config.labels),
+        annotations=dict(config.annotations),
+        sysctls=sysctls,
+        config=config.SerializeToString(deterministic=True),
+    )
+
+
+def _metadata(config: api_pb2.PodSandboxConfig) -> Metadata:
+    _check(config.HasField("metadata"), "config.metadata is required (name, namespace, uid)")
+    md = config.metadata
+    for field_name, value in (("name", md.name), ("namespace", md.namespace), ("uid", md.uid)):
+        _check(bool(value), f"config.metadata.{field_name} is required")
+    _check(
+        len(md.name) <= MAX_NAME and bool(_SUBDOMAIN.match(md.name)),
+        f"config.metadata.name {md.name[:80]!r} must be a DNS-1123 subdomain (lowercase letters, "
+        f"digits, '-', '.'; at most {MAX_NAME})",
+    )
+    _check(
+        len(md.namespace) <= MAX_NAMESPACE and bool(_LABEL.match(md.namespace)),
+        f"config.metadata.namespace {md.namespace[:80]!r} must be a DNS-1123 label (lowercase "
+        f"letters, digits, '-'; at most {MAX_NAMESPACE})",
+    )
+    _check(
+        len(md.uid) <= MAX_UID and bool(_UID.match(md.uid)),
+        f"config.metadata.uid {md.uid[:80]!r} must be letters, digits, '.', '_', '-' (at most {MAX_UID})",
+    )
+    return Metadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt)
+
+
+def _check_labels(labels: Mapping[str, str], what: str) -> None:
+    _check(len(labels) <= MAX_LABELS, f"{len(labels)} {what}s, the limit is {MAX_LABELS}")
+    for key, value in labels.items():
+        _check(0 < len(key) <= MAX_LABEL_KEY, f"{what} key {key[:80]!r} must be 1-{MAX_LABEL_KEY} bytes")
+        _check(
+            len(value) <= MAX_LABEL_VALUE,
+            f"{what} {key[:80]!r}: value is {len(value)} bytes, the limit is {MAX_LABEL_VALUE}",
+        )
+
+
+def _modes(config: api_pb2.PodSandboxConfig) -> NamespaceModes:
+    opts = config.linux.security_context.namespace_options
+    network, pid, ipc = NamespaceMode(opts.network), NamespaceMode(opts.pid), NamespaceMode(opts.ipc)
+    _check(network in (NamespaceMode.POD, NamespaceMode.NODE), f"network namespace mode {network.name} is not POD or NODE")
+    _check(ipc in (NamespaceMode.POD, NamespaceMode.NODE), f"ipc namespace mode {ipc.name} is not POD or NODE")
+    _check(pid != NamespaceMode.TARGET, "pid namespace mode TARGET applies to containers, not sandboxes")
+    userns = opts.userns_options
+    if opts.HasField("userns_options"):
+        mode = NamespaceMode(userns.mode)
+        _check(mode in (NamespaceMode.POD, NamespaceMode.NODE), f"user namespace mode {mode.name} is not POD or NODE")
+        if mode == NamespaceMode.POD and (userns.uids or userns.gids):
+            raise Unimplemented("user namespaces with id mappings are not supported by pyshim yet")
+    return NamespaceModes(network=network, pid=pid, ipc=ipc, target_id=opts.target_id)
+
+
+def _check_security(config: api_pb2.PodSandboxConfig) -> None:
+    sc = config.linux.security_context
+    _check(
+        not (sc.HasField("run_as_group") and not sc.HasField("run_as_user")),
+        "security_context.run_as_group needs run_as_user",
+    )
+
+
+def _sysctls(config: api_pb2.PodSandboxConfig, modes: NamespaceModes) -> dict[str, str]:
+    sysctls = dict(config.linux.sysctls)
+    _check(len(sysctls) <= MAX_SYSCTLS, f"{len(sysctls)} sysctls, the limit is {MAX_SYSCTLS}")
+    for key, value in sysctls.items():
+        _check(
+            len(key) <= 128 and bool(_SYSCTL.match(key)) and ".." not in key,
+            f"sysctl name {key[:80]!r} is malformed",
+        )
+        _check(bool(_NAMESPACED_SYSCTLS.match(key)), f"sysctl {key} is not namespaced; only net.*, "
+               "kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* may be set for a pod")
+        _check(
+            len(value) <= 256 and "\n" not in value and "\0" not in value,
+            f"sysctl {key}: value must be one line of at most 256 bytes",
+        )
+        if key.startswith("net."):
+            _check(modes.network != NamespaceMode.NODE, f"sysctl {key} would change the node: the pod uses the host network")
+        else:
+            _check(modes.ipc != NamespaceMode.NODE, f"sysctl {key} would change the node: the pod uses the host IPC namespace")
+    return sysctls
+
+
+def id_prefix(value: str, what: str = "pod sandbox id") -> str:
+    """An id or id prefix from a request: 1-64 lowercase hex characters."""
+    _check(bool(value), f"{what} is required")
+    _check(bool(_ID_PREFIX.match(value)), f"{what} {value[:80]!r} is not 1-64 lowercase hex characters")
+    return value
