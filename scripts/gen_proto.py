@@ -58,8 +58,7 @@ def main() -> int:
         stale = [
             name
             for name in GENERATED
-            if not (OUT_DIR / name).exists()
-            or (OUT_DIR / name).read_bytes() != (fresh / name).read_bytes()
+            if not (OUT_DIR / name).exists() or (OUT_DIR / name).read_bytes() != (fresh / name).read_bytes()
         ]
     if stale:
         print(f"stale stubs: {', '.join(stale)}; run python scripts/gen_proto.py", file=sys.stderr)

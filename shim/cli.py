@@ -23,28 +23,53 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyshim {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the CRI daemon", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="unix socket to serve CRI on (created 0660)")
-    serve.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="persistent state: sandbox records, images")
-    serve.add_argument(
-        "--run-root", type=Path, default=DEFAULT_RUN_ROOT, help="runtime state: namespace pins; gone after a reboot"
+    serve = commands.add_parser(
+        "serve", help="run the CRI daemon", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     serve.add_argument(
-        "--netns-dir", type=Path, default=DEFAULT_NETNS_DIR,
+        "--socket", type=Path, default=DEFAULT_SOCKET, help="unix socket to serve CRI on (created 0660)"
+    )
+    serve.add_argument(
+        "--root", type=Path, default=DEFAULT_ROOT, help="persistent state: sandbox records, images"
+    )
+    serve.add_argument(
+        "--run-root",
+        type=Path,
+        default=DEFAULT_RUN_ROOT,
+        help="runtime state: namespace pins; gone after a reboot",
+    )
+    serve.add_argument(
+        "--netns-dir",
+        type=Path,
+        default=DEFAULT_NETNS_DIR,
         help="where pod network namespaces are pinned (the dir `ip netns` reads)",
     )
-    serve.add_argument("--pause", type=Path, default=None, help="pause executable; unset: the one built into the package")
     serve.add_argument(
-        "--runtime-handler", action="append", dest="runtime_handlers", default=None, metavar="NAME",
-        help=f"runtime handler names accepted in RunPodSandbox; the first is the default; unset: {DEFAULT_RUNTIME_HANDLER}",
+        "--pause", type=Path, default=None, help="pause executable; unset: the one built into the package"
     )
-    serve.add_argument("--pause-stop-timeout", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL of a pause")
-    serve.add_argument("--pause-start-timeout", type=float, default=10.0, help="seconds to wait for a pause to be ready")
+    serve.add_argument(
+        "--runtime-handler",
+        action="append",
+        dest="runtime_handlers",
+        default=None,
+        metavar="NAME",
+        help="runtime handler names accepted in RunPodSandbox, repeatable; the first is the default; "
+        f"unset: {DEFAULT_RUNTIME_HANDLER}",
+    )
+    serve.add_argument(
+        "--pause-stop-timeout", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL of a pause"
+    )
+    serve.add_argument(
+        "--pause-start-timeout", type=float, default=10.0, help="seconds to wait for a pause to be ready"
+    )
     serve.add_argument("--grpc-workers", type=int, default=32, help="threads serving requests")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
-        "--fail-at", default=None, metavar="STEP",
-        help="for tests: make every RunPodSandbox fail at STEP (mkdir, spawn, pin, network, save)",
+        "--fail-at",
+        default=None,
+        metavar="STEP",
+        help="for tests: make every RunPodSandbox fail at STEP (mkdir, spawn, pin, network, save), "
+        "or with crash:STEP kill the daemon there",
     )
     return parser
 

@@ -13,11 +13,11 @@ from google.protobuf import json_format
 from shim._proto import api_pb2
 from shim.store import SandboxRecord, SandboxState
 
-_STATE = {
+_STATE: dict[SandboxState, api_pb2.PodSandboxState] = {
     SandboxState.READY: api_pb2.SANDBOX_READY,
     SandboxState.NOTREADY: api_pb2.SANDBOX_NOTREADY,
 }
-_FROM_CRI_STATE = {v: k for k, v in _STATE.items()}
+_FROM_CRI_STATE: dict[int, SandboxState] = {v: k for k, v in _STATE.items()}
 
 
 def state_from_cri(value: int) -> SandboxState:
@@ -52,9 +52,9 @@ def pod_sandbox_status(record: SandboxRecord) -> api_pb2.PodSandboxStatus:
             namespaces=api_pb2.Namespace(
                 # Echo what was asked for: kubelet compares it with the pod spec.
                 options=api_pb2.NamespaceOption(
-                    network=modes.network.value,
-                    pid=modes.pid.value,
-                    ipc=modes.ipc.value,
+                    network=modes.network.value,  # type: ignore[arg-type]
+                    pid=modes.pid.value,  # type: ignore[arg-type]
+                    ipc=modes.ipc.value,  # type: ignore[arg-type]
                     target_id=modes.target_id,
                 )
             )
@@ -94,4 +94,3 @@ def filesystem_usage(path: Path) -> api_pb2.FilesystemUsage:
         used_bytes=api_pb2.UInt64Value(value=used + st.st_blocks * 512),
         inodes_used=api_pb2.UInt64Value(value=inodes + 1),
     )
-

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shim import namespaces, netlink
 from shim.config import Config
-from shim.errors import AlreadyExists, Internal, InjectedFailure, NotFound, ShimError
+from shim.errors import AlreadyExists, InjectedFailure, Internal, NotFound, ShimError
 from shim.pause import PauseOrders, SpawnedPause, spawn
 from shim.procs import ExitWatcher, TrackedProcess
 from shim.store import ID_RE, SandboxRecord, SandboxState, SandboxStore
@@ -156,7 +156,10 @@ class SandboxManager:
             undo.pop_all()
         log.info(
             "event=sandbox_ready sandbox=%s name=%s pid=%d namespaces=%s",
-            sandbox_id, spec.metadata.reservation, spawned.identity.pid, ",".join(sorted(paths)),
+            sandbox_id,
+            spec.metadata.reservation,
+            spawned.identity.pid,
+            ",".join(sorted(paths)),
         )
         return sandbox
 
@@ -194,8 +197,12 @@ class SandboxManager:
         return self.config.run_sandboxes_dir / sandbox_id / "ns" / kind
 
     def _inject(self, step: str) -> None:
+        """Failure injection for tests: STEP raises, crash:STEP kills the daemon outright."""
         if self.config.fail_at == step:
             raise InjectedFailure(f"failure injected at step {step!r} (--fail-at)")
+        if self.config.fail_at == f"crash:{step}":
+            log.error("event=injected_crash step=%s", step)
+            os._exit(70)
 
     # ---- StopPodSandbox / RemovePodSandbox ----------------------------------------
 
@@ -212,12 +219,17 @@ class SandboxManager:
         record = sandbox.record
         if record.state is SandboxState.NOTREADY and record.pause is None and not record.namespaces.paths:
             return  # stopped before: nothing is left to release
-        if sandbox.pause is not None and not sandbox.pause.terminate(self.config.pause_stop_timeout):
-            raise Internal(f"pause of sandbox {record.id} (pid {record.pause.pid if record.pause else '?'}) did not exit after SIGKILL")
+        pause = sandbox.pause
+        if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
+            raise Internal(
+                f"pause of sandbox {record.id} (pid {pause.identity.pid}) did not exit after SIGKILL"
+            )
         sandbox.pause = None
         for path in record.namespaces.as_dict().values():
             namespaces.unpin(Path(path))
-        sandbox.record = replace(record, state=SandboxState.NOTREADY, pause=None, namespaces=namespaces.NamespacePaths())
+        sandbox.record = replace(
+            record, state=SandboxState.NOTREADY, pause=None, namespaces=namespaces.NamespacePaths()
+        )
         self.store.save(sandbox.record)
         log.info("event=sandbox_stopped sandbox=%s", record.id)
 
@@ -264,13 +276,15 @@ class SandboxManager:
         with self._lock:
             if flt.id_prefix:
                 exact = self._sandboxes.get(flt.id_prefix)
-                candidates = [exact] if exact else [s for i, s in self._sandboxes.items() if i.startswith(flt.id_prefix)]
+                candidates = (
+                    [exact]
+                    if exact
+                    else [s for i, s in self._sandboxes.items() if i.startswith(flt.id_prefix)]
+                )
             else:
                 candidates = list(self._sandboxes.values())
         records = [s.record for s in candidates]
-        return sorted(
-            (r for r in records if _matches(r, flt)), key=lambda r: r.created_at, reverse=True
-        )
+        return sorted((r for r in records if _matches(r, flt)), key=lambda r: r.created_at, reverse=True)
 
     def _find(self, sandbox_id: str, missing_ok: bool) -> Sandbox | None:
         """A sandbox by full id or unique prefix."""
@@ -279,7 +293,9 @@ class SandboxManager:
             if found is None and sandbox_id:
                 matches = [s for i, s in self._sandboxes.items() if i.startswith(sandbox_id)]
                 if len(matches) > 1:
-                    raise NotFound(f"pod sandbox id prefix {sandbox_id!r} is ambiguous ({len(matches)} matches)")
+                    raise NotFound(
+                        f"pod sandbox id prefix {sandbox_id!r} is ambiguous ({len(matches)} matches)"
+                    )
                 found = matches[0] if matches else None
         if found is None and not missing_ok:
             raise NotFound(f"pod sandbox {sandbox_id!r} not found")

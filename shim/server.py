@@ -27,7 +27,7 @@ import grpc
 from shim import __version__, cri, validate
 from shim._proto import api_pb2, api_pb2_grpc
 from shim.config import Config
-from shim.errors import FailedPrecondition, ShimError, Unimplemented
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, become_subreaper
 from shim.sandbox import ListFilter, SandboxManager
@@ -41,8 +41,17 @@ RUNTIME_API_VERSION = "v1"
 MAX_MESSAGE = 16 * 1024 * 1024
 _UNIX_PATH_MAX = 107
 # Polled every second or so by kubelet: logged at debug level only.
-_QUIET = {"Version", "Status", "ListPodSandbox", "PodSandboxStatus", "ListContainers",
-          "ImageFsInfo", "ListImages", "ListContainerStats", "ContainerStatus"}
+_QUIET = {
+    "Version",
+    "Status",
+    "ListPodSandbox",
+    "PodSandboxStatus",
+    "ListContainers",
+    "ImageFsInfo",
+    "ListImages",
+    "ListContainerStats",
+    "ContainerStatus",
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,7 +105,9 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         self.sandboxes = sandboxes
 
     @rpc
-    def Version(self, request: api_pb2.VersionRequest, context: grpc.ServicerContext) -> api_pb2.VersionResponse:
+    def Version(
+        self, request: api_pb2.VersionRequest, context: grpc.ServicerContext
+    ) -> api_pb2.VersionResponse:
         return api_pb2.VersionResponse(
             version="0.1.0",  # the CRI "kubelet runtime API" version, as containerd answers
             runtime_name=RUNTIME_NAME,
@@ -212,7 +223,7 @@ _fill_unimplemented(ImageService, "ImageService")
 
 def _required_id(value: str) -> str:
     if not value:
-        raise validate.InvalidArgument("pod_sandbox_id is required")
+        raise InvalidArgument("pod_sandbox_id is required")
     return value
 
 
@@ -264,8 +275,12 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(self.config, self.sandboxes), server)
-        api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(self.config), server)
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            RuntimeService(self.config, self.sandboxes), server
+        )
+        api_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            ImageService(self.config), server
+        )
         server.add_insecure_port(f"unix:{self.config.socket}")
         os.chmod(self.config.socket, 0o660)
         server.start()

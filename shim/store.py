@@ -79,7 +79,7 @@ class SandboxRecord:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     pause: ProcessIdentity | None = None
-    namespaces: NamespacePaths = NamespacePaths()
+    namespaces: NamespacePaths = field(default_factory=NamespacePaths)
     # The PodSandboxConfig exactly as received (serialized protobuf), for verbose status.
     config: bytes = b""
 

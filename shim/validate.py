@@ -88,7 +88,9 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
     log_dir = config.log_directory
     if log_dir:
         _check(
-            log_dir.startswith("/") and len(log_dir) <= MAX_LOG_DIRECTORY and "\0" not in log_dir
+            log_dir.startswith("/")
+            and len(log_dir) <= MAX_LOG_DIRECTORY
+            and "\0" not in log_dir
             and ".." not in log_dir.split("/"),
             f"log_directory {log_dir[:80]!r} must be an absolute path without '..'",
         )
@@ -148,13 +150,21 @@ def _check_labels(labels: Mapping[str, str], what: str) -> None:
 def _modes(config: api_pb2.PodSandboxConfig) -> NamespaceModes:
     opts = config.linux.security_context.namespace_options
     network, pid, ipc = NamespaceMode(opts.network), NamespaceMode(opts.pid), NamespaceMode(opts.ipc)
-    _check(network in (NamespaceMode.POD, NamespaceMode.NODE), f"network namespace mode {network.name} is not POD or NODE")
-    _check(ipc in (NamespaceMode.POD, NamespaceMode.NODE), f"ipc namespace mode {ipc.name} is not POD or NODE")
+    _check(
+        network in (NamespaceMode.POD, NamespaceMode.NODE),
+        f"network namespace mode {network.name} is not POD or NODE",
+    )
+    _check(
+        ipc in (NamespaceMode.POD, NamespaceMode.NODE), f"ipc namespace mode {ipc.name} is not POD or NODE"
+    )
     _check(pid != NamespaceMode.TARGET, "pid namespace mode TARGET applies to containers, not sandboxes")
     userns = opts.userns_options
     if opts.HasField("userns_options"):
         mode = NamespaceMode(userns.mode)
-        _check(mode in (NamespaceMode.POD, NamespaceMode.NODE), f"user namespace mode {mode.name} is not POD or NODE")
+        _check(
+            mode in (NamespaceMode.POD, NamespaceMode.NODE),
+            f"user namespace mode {mode.name} is not POD or NODE",
+        )
         if mode == NamespaceMode.POD and (userns.uids or userns.gids):
             raise Unimplemented("user namespaces with id mappings are not supported by pyshim yet")
     return NamespaceModes(network=network, pid=pid, ipc=ipc, target_id=opts.target_id)
@@ -176,16 +186,25 @@ def _sysctls(config: api_pb2.PodSandboxConfig, modes: NamespaceModes) -> dict[st
             len(key) <= 128 and bool(_SYSCTL.match(key)) and ".." not in key,
             f"sysctl name {key[:80]!r} is malformed",
         )
-        _check(bool(_NAMESPACED_SYSCTLS.match(key)), f"sysctl {key} is not namespaced; only net.*, "
-               "kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* may be set for a pod")
+        _check(
+            bool(_NAMESPACED_SYSCTLS.match(key)),
+            f"sysctl {key} is not namespaced; only net.*, "
+            "kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* may be set for a pod",
+        )
         _check(
             len(value) <= 256 and "\n" not in value and "\0" not in value,
             f"sysctl {key}: value must be one line of at most 256 bytes",
         )
         if key.startswith("net."):
-            _check(modes.network != NamespaceMode.NODE, f"sysctl {key} would change the node: the pod uses the host network")
+            _check(
+                modes.network != NamespaceMode.NODE,
+                f"sysctl {key} would change the node: the pod uses the host network",
+            )
         else:
-            _check(modes.ipc != NamespaceMode.NODE, f"sysctl {key} would change the node: the pod uses the host IPC namespace")
+            _check(
+                modes.ipc != NamespaceMode.NODE,
+                f"sysctl {key} would change the node: the pod uses the host IPC namespace",
+            )
     return sysctls
 
 

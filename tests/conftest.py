@@ -1,0 +1,295 @@
+"""Fixtures: a real pyshim daemon on a temp socket, real gRPC stubs, and a leak
+check after every test (namespace mounts, pause processes, state files)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim._proto import api_pb2, api_pb2_grpc
+
+IS_ROOT = os.geteuid() == 0
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if IS_ROOT:
+        # Pauses orphaned by a killed daemon come to us instead of PID 1, which on
+        # some machines never reaps; the leak check reaps them.
+        ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="needs root (namespaces, mounts)")
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(skip)
+
+
+# ---- what a test may leave behind ------------------------------------------------------
+
+
+def pause_pids() -> set[int]:
+    """Live pyshim-pause processes on the machine."""
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if "(pyshim-pause)" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
+def nsfs_mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " nsfs " in line and line.split()[4].startswith(str(root))]
+
+
+def reap_our_zombies() -> None:
+    """Reap pauses that were re-parented to this process (see pytest_configure)."""
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if "(pyshim-pause)" in stat and fields[0] == "Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
+# ---- the daemon -------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """A pyshim daemon subprocess with its own state dirs, and stubs to drive it."""
+
+    base: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    channel: grpc.Channel | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "pyshim.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def run_root(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def netns_dir(self) -> Path:
+        return self.base / "netns"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "daemon.log"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "shim",
+            "serve",
+            "--socket",
+            str(self.socket),
+            "--root",
+            str(self.root),
+            "--run-root",
+            str(self.run_root),
+            "--netns-dir",
+            str(self.netns_dir),
+            "--log-level",
+            "debug",
+            *self.extra_args,
+        ]
+
+    def start(self, extra_args: list[str] | None = None) -> Daemon:
+        if extra_args is not None:
+            self.extra_args = extra_args
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=self.base)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not create its socket:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        return self
+
+    @property
+    def runtime(self) -> api_pb2_grpc.RuntimeServiceStub:
+        assert self.channel is not None
+        return api_pb2_grpc.RuntimeServiceStub(self.channel)
+
+    @property
+    def images(self) -> api_pb2_grpc.ImageServiceStub:
+        assert self.channel is not None
+        return api_pb2_grpc.ImageServiceStub(self.channel)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._close_channel()
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        self._close_channel()
+        return code
+
+    def restart(self, kill: bool = True, extra_args: list[str] | None = None) -> Daemon:
+        self.kill9() if kill else self.terminate()
+        return self.start(extra_args)
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def cleanup(self) -> None:
+        """Remove every pod through the API, stop the daemon, then sweep by hand what
+        a broken daemon may have left (only what lives under this test's dirs)."""
+        ids = {p.stem for p in (self.root / "sandboxes").glob("*.json")}
+        ids |= {p.name for p in (self.run_root / "sandboxes").glob("*")}
+        if self.proc is not None and self.proc.poll() is None and self.channel is not None:
+            with contextlib.suppress(grpc.RpcError):
+                for pod in self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items:
+                    self.runtime.RemovePodSandbox(
+                        api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30
+                    )
+        if self.proc is not None and self.proc.poll() is None:
+            self.terminate()
+        for pid in pause_pids():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if any(i.encode() in argv for i in ids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for mountpoint in nsfs_mounts_under(self.base):
+            subprocess.run(["umount", "-l", mountpoint], check=False)
+        time.sleep(0.05)
+        reap_our_zombies()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[type[Daemon]]:
+    """Makes daemons on dirs under this test's tmp_path; all are cleaned up after."""
+    made: list[Daemon] = []
+
+    def make(extra_args: list[str] | None = None, start: bool = True) -> Daemon:
+        base = tmp_path / f"d{len(made)}"
+        base.mkdir()
+        d = Daemon(base=base, extra_args=extra_args or [])
+        made.append(d)
+        return d.start() if start else d
+
+    yield make  # type: ignore[misc]
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory: type[Daemon]) -> Daemon:
+    return daemon_factory()  # type: ignore[call-arg]
+
+
+@pytest.fixture(autouse=True)
+def leak_check(tmp_path: Path) -> Iterator[None]:
+    """After each test: no pause it made is alive, no namespace pin is mounted."""
+    before = pause_pids()
+    yield
+    reap_our_zombies()
+    deadline = time.monotonic() + 5
+    while (pause_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        reap_our_zombies()
+    assert pause_pids() - before == set(), "pause processes left behind"
+    assert nsfs_mounts_under(tmp_path) == [], "namespace pins left mounted"
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+def pod_config(
+    name: str | None = None,
+    *,
+    namespace: str = "default",
+    uid: str | None = None,
+    attempt: int = 0,
+    hostname: str = "",
+    network: int = api_pb2.POD,
+    pid: int = api_pb2.CONTAINER,
+    ipc: int = api_pb2.POD,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    sysctls: dict[str, str] | None = None,
+) -> api_pb2.PodSandboxConfig:
+    return api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(
+            name=name or unique("pod-"), namespace=namespace, uid=uid or unique("uid-"), attempt=attempt
+        ),
+        hostname=hostname,
+        labels=labels or {},
+        annotations=annotations or {},
+        linux=api_pb2.LinuxPodSandboxConfig(
+            sysctls=sysctls or {},
+            security_context=api_pb2.LinuxSandboxSecurityContext(
+                namespace_options=api_pb2.NamespaceOption(network=network, pid=pid, ipc=ipc)
+            ),
+        ),
+    )
+
+
+def run_pod(daemon: Daemon, config: api_pb2.PodSandboxConfig | None = None, **kwargs: object) -> str:
+    cfg = config if config is not None else pod_config(**kwargs)  # type: ignore[arg-type]
+    return str(
+        daemon.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cfg), timeout=30).pod_sandbox_id
+    )
+
+
+def status(daemon: Daemon, sandbox_id: str, verbose: bool = False) -> api_pb2.PodSandboxStatusResponse:
+    return daemon.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=verbose), timeout=10
+    )
+
+
+def sandbox_pid(daemon: Daemon, sandbox_id: str) -> int:
+    import json
+
+    return int(json.loads(status(daemon, sandbox_id, verbose=True).info["info"])["pid"])

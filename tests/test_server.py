@@ -1,0 +1,179 @@
+"""The server around the sandbox calls: the calls crictl and kubelet make first,
+the socket, unimplemented methods, and the generated stubs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Daemon
+
+from shim._proto import api_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stubs_are_fresh() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.root
+def test_version(daemon: Daemon) -> None:
+    version = daemon.runtime.Version(api_pb2.VersionRequest(version="v1"), timeout=10)
+    assert version.runtime_name == "pyshim" and version.runtime_api_version == "v1"
+    assert version.runtime_version and version.version
+
+
+@pytest.mark.root
+def test_status_lists_both_conditions(daemon: Daemon) -> None:
+    response = daemon.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=10)
+    conditions = {c.type: c for c in response.status.conditions}
+    assert conditions["RuntimeReady"].status is True
+    assert "NetworkReady" in conditions
+    assert not conditions["NetworkReady"].status and conditions["NetworkReady"].reason
+    info = json.loads(response.info["info"])
+    assert info["root"] == str(daemon.root) and info["cgroupDriver"] == "cgroupfs"
+    assert daemon.runtime.Status(api_pb2.StatusRequest(), timeout=10).info == {}
+
+
+@pytest.mark.root
+def test_runtime_config_says_cgroupfs(daemon: Daemon) -> None:
+    response = daemon.runtime.RuntimeConfig(api_pb2.RuntimeConfigRequest(), timeout=10)
+    assert response.HasField("linux") and response.linux.cgroup_driver == api_pb2.CGROUPFS
+
+
+@pytest.mark.root
+def test_image_fs_info_answers_on_an_empty_store(daemon: Daemon) -> None:
+    response = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10)
+    (fs,) = response.image_filesystems
+    assert fs.fs_id.mountpoint == str(daemon.root / "images")
+    assert fs.used_bytes.value > 0 and fs.inodes_used.value >= 1 and fs.timestamp > 0
+    (daemon.root / "images" / "blob").write_bytes(b"x" * 10000)
+    grown = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems[0]
+    assert (
+        grown.used_bytes.value >= fs.used_bytes.value + 10000
+        and grown.inodes_used.value == fs.inodes_used.value + 1
+    )
+
+
+@pytest.mark.root
+def test_unimplemented_methods_name_themselves(daemon: Daemon) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.CreateContainer(api_pb2.CreateContainerRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "RuntimeService/CreateContainer" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.images.PullImage(api_pb2.PullImageRequest(), timeout=10)
+    assert "ImageService/PullImage" in (err.value.details() or "")
+
+
+@pytest.mark.root
+def test_socket_is_root_owned_and_private(daemon: Daemon) -> None:
+    st = daemon.socket.stat()
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0
+    assert stat.S_IMODE(st.st_mode) & 0o007 == 0
+    assert stat.S_IMODE(st.st_mode) & ~0o660 == 0
+
+
+@pytest.mark.root
+def test_stale_socket_is_replaced(daemon_factory: type[Daemon]) -> None:
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(d.socket))
+    stale.close()  # the file stays, nobody listens: like a daemon that died
+    d.start()
+    assert d.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pyshim"
+
+
+@pytest.mark.root
+def test_live_socket_and_plain_file_are_refused(daemon: Daemon, tmp_path: Path) -> None:
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shim",
+            "serve",
+            "--socket",
+            str(daemon.socket),
+            "--root",
+            str(tmp_path / "r2"),
+            "--run-root",
+            str(tmp_path / "rr2"),
+            "--netns-dir",
+            str(tmp_path / "n2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0 and "another daemon is serving" in second.stderr
+    assert daemon.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pyshim"
+    plain = tmp_path / "plain.sock"
+    plain.write_text("precious")
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shim",
+            "serve",
+            "--socket",
+            str(plain),
+            "--root",
+            str(tmp_path / "r3"),
+            "--run-root",
+            str(tmp_path / "rr3"),
+            "--netns-dir",
+            str(tmp_path / "n3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert third.returncode != 0 and "not a socket" in third.stderr
+    assert plain.read_text() == "precious"
+
+
+def test_help_documents_every_flag() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "shim", "serve", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in (
+        "--socket",
+        "--root",
+        "--run-root",
+        "--netns-dir",
+        "--pause",
+        "--runtime-handler",
+        "--log-level",
+    ):
+        assert flag in done.stdout
+
+
+def test_pause_binary_behaves_like_kubernetes_pause() -> None:
+    from shim.pause import find_pause
+
+    pause = find_pause(None)
+    assert os.access(pause, os.X_OK) and pause.name == "pyshim-pause"
+    assert subprocess.run([str(pause), "-v"], capture_output=True, text=True, check=True).stdout.startswith(
+        "pyshim-pause"
+    )
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = subprocess.Popen([str(pause), "--sync-fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        assert ours.recv(64) == f"pid {proc.pid}".encode()
+        assert ours.recv(64) == b"ready"  # handlers are installed by now
+        ours.close()
+        proc.send_signal(signo)
+        assert proc.wait(timeout=10) == 0
