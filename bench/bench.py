@@ -45,7 +45,9 @@ def pod_config(host_network: bool, prefix: str, n: int) -> api_pb2.PodSandboxCon
         annotations={"bench/n": str(n)},
         linux=api_pb2.LinuxPodSandboxConfig(
             security_context=api_pb2.LinuxSandboxSecurityContext(
-                namespace_options=api_pb2.NamespaceOption(network=mode, pid=api_pb2.CONTAINER, ipc=api_pb2.POD)
+                namespace_options=api_pb2.NamespaceOption(
+                    network=mode, pid=api_pb2.CONTAINER, ipc=api_pb2.POD
+                )
             )
         ),
     )
@@ -60,23 +62,43 @@ def timed(samples: dict[str, list[float]], name: str, call: Callable[[], Any]) -
 
 def lifecycle(stub: Stub, config: api_pb2.PodSandboxConfig, samples: dict[str, list[float]]) -> None:
     sid = timed(
-        samples, "RunPodSandbox", lambda: stub.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config)).pod_sandbox_id
+        samples,
+        "RunPodSandbox",
+        lambda: stub.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config)).pod_sandbox_id,
     )
-    timed(samples, "PodSandboxStatus", lambda: stub.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid)))
+    timed(
+        samples,
+        "PodSandboxStatus",
+        lambda: stub.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid)),
+    )
     t0 = time.perf_counter()
-    timed(samples, "StopPodSandbox", lambda: stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid)))
-    timed(samples, "RemovePodSandbox", lambda: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid)))
+    timed(
+        samples,
+        "StopPodSandbox",
+        lambda: stub.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid)),
+    )
+    timed(
+        samples,
+        "RemovePodSandbox",
+        lambda: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid)),
+    )
     samples.setdefault("Stop+Remove", []).append((time.perf_counter() - t0) * 1000)
 
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return {
-        name: {"n": len(v), "p50": pct(v, 50), "p95": pct(v, 95), "p99": pct(v, 99), "mean": statistics.fmean(v)}
+        name: {
+            "n": len(v),
+            "p50": pct(v, 50),
+            "p95": pct(v, 95),
+            "p99": pct(v, 99),
+            "mean": statistics.fmean(v),
+        }
         for name, v in samples.items()
     }
 
@@ -88,7 +110,14 @@ def sequential(stub: Stub, host_network: bool, count: int) -> dict[str, Any]:
     for n in range(count):
         lifecycle(stub, pod_config(host_network, prefix, n), samples)
     samples["lifecycle"] = [
-        sum(x) for x in zip(*(samples[k] for k in ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbox")), strict=True)
+        sum(x)
+        for x in zip(
+            *(
+                samples[k]
+                for k in ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbox")
+            ),
+            strict=True,
+        )
     ]
     return {"calls": summary(samples), "pods_per_s": count / (time.perf_counter() - start)}
 
@@ -128,7 +157,11 @@ def held(stub: Stub, host_network: bool, alive: int, daemon_pid: int | None, inf
     with ThreadPoolExecutor(max_workers=inflight) as pool:
         ids = list(
             pool.map(
-                lambda n: stub.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config(host_network, prefix, n))).pod_sandbox_id,
+                lambda n: (
+                    stub.RunPodSandbox(
+                        api_pb2.RunPodSandboxRequest(config=pod_config(host_network, prefix, n))
+                    ).pod_sandbox_id
+                ),
                 range(alive),
             )
         )
@@ -137,14 +170,24 @@ def held(stub: Stub, host_network: bool, alive: int, daemon_pid: int | None, inf
         result: dict[str, Any] = {"alive": alive}
         samples: dict[str, list[float]] = {}
         for _ in range(50):
-            items = timed(samples, "ListPodSandbox", lambda: stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items)
+            items = timed(
+                samples, "ListPodSandbox", lambda: stub.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items
+            )
         assert len(items) >= alive
         flt = api_pb2.PodSandboxFilter(label_selector={"bench": prefix})
         for _ in range(20):
-            timed(samples, "ListPodSandbox(label)", lambda: stub.ListPodSandbox(api_pb2.ListPodSandboxRequest(filter=flt)))
+            timed(
+                samples,
+                "ListPodSandbox(label)",
+                lambda: stub.ListPodSandbox(api_pb2.ListPodSandboxRequest(filter=flt)),
+            )
         result["calls"] = summary(samples)
         pauses = [
-            json.loads(stub.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=i, verbose=True)).info["info"])["pid"]
+            json.loads(
+                stub.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=i, verbose=True)).info[
+                    "info"
+                ]
+            )["pid"]
             for i in ids[:: max(1, alive // 50)]
         ]
         pause_mem = [smaps(p) for p in pauses if p]
@@ -160,15 +203,32 @@ def held(stub: Stub, host_network: bool, alive: int, daemon_pid: int | None, inf
         return result
     finally:
         with ThreadPoolExecutor(max_workers=inflight) as pool:
-            list(pool.map(lambda i: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=i)), ids))
+            list(
+                pool.map(
+                    lambda i: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=i)), ids
+                )
+            )
 
 
 def spawn_daemon(workdir: Path) -> subprocess.Popen[bytes]:
     argv = [
-        sys.executable, "-m", "shim", "serve", "--socket", str(workdir / "s.sock"), "--root", str(workdir / "root"),
-        "--run-root", str(workdir / "run"), "--netns-dir", str(workdir / "netns"), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "shim",
+        "serve",
+        "--socket",
+        str(workdir / "s.sock"),
+        "--root",
+        str(workdir / "root"),
+        "--run-root",
+        str(workdir / "run"),
+        "--netns-dir",
+        str(workdir / "netns"),
+        "--log-level",
+        "warning",
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(workdir / "daemon.log", "wb"))
+    with open(workdir / "daemon.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 30
     while not (workdir / "s.sock").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -185,13 +245,18 @@ def print_report(report: dict[str, Any]) -> None:
         for name, s in seq["calls"].items():
             print(f"  {name:<18} p50 {s['p50']:7.2f} ms   p95 {s['p95']:7.2f}   p99 {s['p99']:7.2f}")
         con = phases["concurrent"]
-        print(f"concurrent, {con['inflight']} in flight: {con['pods_per_s']:.0f} pods/s  "
-              f"(Run p50 {con['calls']['RunPodSandbox']['p50']:.2f} ms)")
+        print(
+            f"concurrent, {con['inflight']} in flight: {con['pods_per_s']:.0f} pods/s  "
+            f"(Run p50 {con['calls']['RunPodSandbox']['p50']:.2f} ms)"
+        )
         for h in phases["held"]:
-            line = f"{h['alive']} alive: ListPodSandbox p50 {h['calls']['ListPodSandbox']['p50']:.2f} ms " \
-                   f"p95 {h['calls']['ListPodSandbox']['p95']:.2f}"
+            line = (
+                f"{h['alive']} alive: ListPodSandbox p50 {h['calls']['ListPodSandbox']['p50']:.2f} ms "
+                f"p95 {h['calls']['ListPodSandbox']['p95']:.2f}"
+            )
             if "daemon_rss_mib" in h:
-                line += f"; daemon RSS {h['daemon_rss_mib']:.1f} MiB, +{h['daemon_growth_per_pod_kib']:.1f} KiB PSS/pod"
+                growth = h["daemon_growth_per_pod_kib"]
+                line += f"; daemon RSS {h['daemon_rss_mib']:.1f} MiB, +{growth:.1f} KiB PSS/pod"
             if "pause_pss_kib" in h:
                 line += f"; pause RSS {h['pause_rss_kib']:.0f} KiB PSS {h['pause_pss_kib']:.0f} KiB"
             if "memory_per_pod_kib" in h:
@@ -201,11 +266,15 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--socket", type=Path, help="CRI socket of a running daemon; unset: spawn a private pyshim")
+    parser.add_argument(
+        "--socket", type=Path, help="CRI socket of a running daemon; unset: spawn a private pyshim"
+    )
     parser.add_argument("--daemon-pid", type=int, help="pid of that daemon, for memory figures")
     parser.add_argument("--pods", type=int, default=300, help="lifecycles per sequential/concurrent phase")
     parser.add_argument("--inflight", type=int, default=4)
-    parser.add_argument("--alive", type=int, action="append", help="pods held alive for list/memory (repeatable)")
+    parser.add_argument(
+        "--alive", type=int, action="append", help="pods held alive for list/memory (repeatable)"
+    )
     parser.add_argument("--mode", choices=["host", "netns", "both"], default="both")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     opts = parser.parse_args()

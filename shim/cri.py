@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from google.protobuf import json_format
 
@@ -39,6 +40,24 @@ def pod_sandbox(record: SandboxRecord) -> api_pb2.PodSandbox:
         annotations=record.annotations,
         runtime_handler=record.runtime_handler,
     )
+
+
+# A record never changes (updates replace it), so its encoded list entry can be kept
+# for as long as the record lives: kubelet lists every second.
+_LIST_ENTRIES: WeakKeyDictionary[SandboxRecord, bytes] = WeakKeyDictionary()
+
+
+def list_pod_sandbox_response(records: list[SandboxRecord]) -> bytes:
+    """An encoded ListPodSandboxResponse, from cached per-record entries."""
+    parts = []
+    for record in records:
+        entry = _LIST_ENTRIES.get(record)
+        if entry is None:
+            # One-item response: exactly the bytes of one `items` field.
+            entry = api_pb2.ListPodSandboxResponse(items=[pod_sandbox(record)]).SerializeToString()
+            _LIST_ENTRIES[record] = entry
+        parts.append(entry)
+    return b"".join(parts)
 
 
 def pod_sandbox_status(record: SandboxRecord) -> api_pb2.PodSandboxStatus:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from shim import __version__, cri, validate
-from shim._proto import api_pb2, api_pb2_grpc
+from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
 from shim.pause import find_pause
@@ -90,6 +91,28 @@ def _unimplemented(service: str, method: str) -> Callable[..., Any]:
     return rpc(handler)
 
 
+def _serialize(message: Message | bytes) -> bytes:
+    # Responses encoded ahead (ListPodSandbox, from cached entries) go out as they are.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _generic_handler(servicer: object, service: str) -> grpc.GenericRpcHandler:
+    """Handlers for every method of a CRI service, built from the proto descriptor."""
+    handlers = {}
+    for method in api_pb2.DESCRIPTOR.services_by_name[service].methods:
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(api_pb2, method.input_type.name).FromString,
+            response_serializer=_serialize,
+        )
+    return grpc.method_handlers_generic_handler(f"runtime.v1.{service}", handlers)
+
+
 def _fill_unimplemented(cls: type, service: str) -> type:
     """Every method of the service that `cls` does not define answers UNIMPLEMENTED by name."""
     descriptor = api_pb2.DESCRIPTOR.services_by_name[service]
@@ -99,7 +122,7 @@ def _fill_unimplemented(cls: type, service: str) -> type:
     return cls
 
 
-class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+class RuntimeService:
     def __init__(self, config: Config, sandboxes: SandboxManager) -> None:
         self.config = config
         self.sandboxes = sandboxes
@@ -187,13 +210,11 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         return response
 
     @rpc
-    def ListPodSandbox(
-        self, request: api_pb2.ListPodSandboxRequest, context: grpc.ServicerContext
-    ) -> api_pb2.ListPodSandboxResponse:
+    def ListPodSandbox(self, request: api_pb2.ListPodSandboxRequest, context: grpc.ServicerContext) -> bytes:
         flt = request.filter
         id_prefix = flt.id
         if id_prefix and not _looks_like_id(id_prefix):
-            return api_pb2.ListPodSandboxResponse()  # no sandbox can have that id
+            return b""  # no sandbox can have that id: an empty response
         records = self.sandboxes.list(
             ListFilter(
                 id_prefix=id_prefix,
@@ -201,10 +222,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
                 labels=tuple(flt.label_selector.items()),
             )
         )
-        return api_pb2.ListPodSandboxResponse(items=[cri.pod_sandbox(r) for r in records])
+        return cri.list_pod_sandbox_response(records)
 
 
-class ImageService(api_pb2_grpc.ImageServiceServicer):
+class ImageService:
     def __init__(self, config: Config) -> None:
         self.config = config
         config.image_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -275,11 +296,11 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        api_pb2_grpc.add_RuntimeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            RuntimeService(self.config, self.sandboxes), server
-        )
-        api_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ImageService(self.config), server
+        server.add_generic_rpc_handlers(
+            (
+                _generic_handler(RuntimeService(self.config, self.sandboxes), "RuntimeService"),
+                _generic_handler(ImageService(self.config), "ImageService"),
+            )
         )
         server.add_insecure_port(f"unix:{self.config.socket}")
         os.chmod(self.config.socket, 0o660)

@@ -66,7 +66,8 @@ class NamespaceModes:
     target_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: records are compared by identity, so that caches can key on them weakly.
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class SandboxRecord:
     id: str
     metadata: Metadata
