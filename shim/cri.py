@@ -21,8 +21,8 @@ _STATE: dict[SandboxState, api_pb2.PodSandboxState] = {
 _FROM_CRI_STATE: dict[int, SandboxState] = {v: k for k, v in _STATE.items()}
 
 
-def state_from_cri(value: int) -> SandboxState:
-    return _FROM_CRI_STATE[value]
+def state_from_cri(value: int) -> SandboxState | None:
+    return _FROM_CRI_STATE.get(value)
 
 
 def _metadata(record: SandboxRecord) -> api_pb2.PodSandboxMetadata:

@@ -108,6 +108,27 @@ class TrackedProcess:
             self._pidfd = None
         self.exited.set()
 
+    def kill_and_reap(self, timeout: float = 5.0) -> None:
+        """SIGKILL and wait for the exit without the ExitWatcher (a pause never watched)."""
+        with self._lock:
+            fd = self._pidfd
+            if fd is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)  # our child: returns once it is gone
+            except ChildProcessError:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if not poller.poll(timeout * 1000):
+                    raise TimeoutError(
+                        f"pid {self.identity.pid} still alive {timeout}s after SIGKILL"
+                    ) from None
+            os.close(fd)
+            self._pidfd = None
+        self.exited.set()
+
     def terminate(self, grace: float) -> bool:
         """SIGTERM, then SIGKILL after `grace` seconds (at once if 0); True once it exited.
 
@@ -166,8 +187,8 @@ class ExitWatcher:
                 if entry is None:
                     continue
                 proc, on_exit = entry
-                proc.reap_and_close()
                 try:
+                    proc.reap_and_close()
                     on_exit(proc)
-                except Exception:
+                except Exception:  # this thread must outlive any one process's trouble
                     log.exception("event=exit_callback_failed pid=%d", proc.identity.pid)

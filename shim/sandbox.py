@@ -14,14 +14,14 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shim import namespaces, netlink
 from shim.config import Config
 from shim.errors import AlreadyExists, InjectedFailure, Internal, NotFound, ShimError
-from shim.pause import PauseOrders, SpawnedPause, spawn
+from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
 from shim.procs import ExitWatcher, TrackedProcess
 from shim.store import ID_RE, SandboxRecord, SandboxState, SandboxStore
 from shim.validate import SandboxSpec
@@ -64,14 +64,15 @@ class SandboxManager:
 
     # ---- RunPodSandbox -------------------------------------------------------------
 
-    def run(self, spec: SandboxSpec) -> str:
+    def run(self, spec: SandboxSpec, wait: float | None = None) -> str:
         """Create a READY sandbox, or return the READY one that already has this name.
 
         A duplicate of a NOTREADY sandbox is ALREADY_EXISTS; a duplicate that
-        arrives while the first is still being made waits for it.
+        arrives while the first is still being made waits for it (at most `wait`
+        seconds, the caller's deadline).
         """
         name = spec.metadata.reservation
-        event = self._reserve(name)
+        event = self._reserve(name, min(wait, _DUPLICATE_WAIT) if wait is not None else _DUPLICATE_WAIT)
         if isinstance(event, str):
             return event
         try:
@@ -82,23 +83,23 @@ class SandboxManager:
             event.set()
         return sandbox.record.id
 
-    def _reserve(self, name: str) -> threading.Event | str:
-        deadline = time.monotonic() + _DUPLICATE_WAIT
+    def _reserve(self, name: str, wait: float) -> threading.Event | str:
+        deadline = time.monotonic() + wait
         while True:
             with self._lock:
                 existing_id = self._names.get(name)
+                existing = self._sandboxes[existing_id].record if existing_id else None
                 pending = self._pending.get(name)
-                if existing_id is None and pending is None:
+                if existing is None and pending is None:
                     event = threading.Event()
                     self._pending[name] = event
                     return event
-            if existing_id is not None:
-                existing = self._sandboxes[existing_id].record
+            if existing is not None:
                 if existing.state is SandboxState.READY:
-                    log.info("event=run_duplicate sandbox=%s name=%s", existing_id, name)
-                    return existing_id
+                    log.info("event=run_duplicate sandbox=%s name=%s", existing.id, name)
+                    return existing.id
                 raise AlreadyExists(
-                    f"pod sandbox name {name!r} is taken by NOTREADY sandbox {existing_id}; "
+                    f"pod sandbox name {name!r} is taken by NOTREADY sandbox {existing.id}; "
                     "remove it first (crictl rmp) or use another attempt number"
                 )
             assert pending is not None
@@ -107,29 +108,31 @@ class SandboxManager:
 
     def _create(self, spec: SandboxSpec) -> Sandbox:
         sandbox_id = secrets.token_hex(32)
+        # The run dir is the intent marker: if the daemon dies before the record is
+        # written, or an undo step fails, the start-up sweep finds it and finishes the job.
         run_dir = self.config.run_sandboxes_dir / sandbox_id
-        with contextlib.ExitStack() as undo:
-            # The run dir is the intent marker: if we die before the record is written,
-            # the start-up sweep finds it and removes what it names.
+        rollback = _Rollback(sandbox_id)
+        try:
             run_dir.mkdir(mode=0o700)
-            undo.callback(shutil.rmtree, run_dir, ignore_errors=True)
             (run_dir / "ns").mkdir()
             self._inject("mkdir")
 
             spawned = spawn(self.pause_path, self._orders(sandbox_id, spec), self.config.pause_start_timeout)
+            if spawned.netlink is not None:
+                rollback.add(spawned.netlink.close)
             pause = self._track(sandbox_id, spawned)
-            # Watched from now on: its exit is reaped, and noticed once the record exists.
-            self.watcher.watch(pause, lambda _: self._on_pause_exit(sandbox_id))
-            undo.callback(pause.terminate, 0)
+            # Not watched before the record is committed: until then the pause stays our
+            # unreaped child, so its pid cannot be reused under the pins below.
+            rollback.add(pause.kill_and_reap)
             for warning in spawned.warnings:
                 log.info("event=pause_warning sandbox=%s detail=%r", sandbox_id, warning)
             self._inject("spawn")
 
-            paths = self._pin_all(sandbox_id, spawned, spec, undo)
+            paths = self._pin_all(sandbox_id, spawned, spec, rollback)
             self._inject("pin")
             if spawned.netlink is not None:
-                with spawned.netlink as sock:
-                    netlink.link_up(sock)
+                netlink.link_up(spawned.netlink)
+                spawned.netlink.close()
             self._inject("network")
 
             record = SandboxRecord(
@@ -148,12 +151,22 @@ class SandboxManager:
                 config=spec.config,
             )
             self._inject("save")
+            rollback.add(self.store.delete, sandbox_id)
             self.store.save(record)
-            sandbox = Sandbox(record=record, pause=pause)
-            with self._lock:
-                self._sandboxes[sandbox_id] = sandbox
-                self._names[spec.metadata.reservation] = sandbox_id
-            undo.pop_all()
+        except BaseException:
+            if rollback.run():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                log.error(
+                    "event=rollback_incomplete sandbox=%s detail=left for the start-up sweep", sandbox_id
+                )
+            raise
+        sandbox = Sandbox(record=record, pause=pause)
+        with self._lock:
+            self._sandboxes[sandbox_id] = sandbox
+            self._names[spec.metadata.reservation] = sandbox_id
+        # An exit that already happened shows as a readable pidfd: seen at once.
+        self.watcher.watch(pause, lambda _: self._on_pause_exit(sandbox_id))
         log.info(
             "event=sandbox_ready sandbox=%s name=%s pid=%d namespaces=%s",
             sandbox_id,
@@ -175,19 +188,20 @@ class SandboxManager:
     def _track(self, sandbox_id: str, spawned: SpawnedPause) -> TrackedProcess:
         proc = TrackedProcess.adopt(spawned.identity)
         if proc is None:
-            if spawned.netlink is not None:
-                spawned.netlink.close()
+            # Died already: a zombie child of ours, reaped here.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(spawned.identity.pid, os.WNOHANG)
             raise Internal(f"pause of sandbox {sandbox_id} (pid {spawned.identity.pid}) exited at start")
         return proc
 
     def _pin_all(
-        self, sandbox_id: str, spawned: SpawnedPause, spec: SandboxSpec, undo: contextlib.ExitStack
+        self, sandbox_id: str, spawned: SpawnedPause, spec: SandboxSpec, rollback: _Rollback
     ) -> dict[str, str]:
         paths: dict[str, str] = {}
         for kind in sorted(spec.namespaces):
             target = self._pin_path(sandbox_id, kind)
             namespaces.pin(spawned.identity.pid, kind, target)
-            undo.callback(namespaces.unpin, target)
+            rollback.add(namespaces.unpin, target)
             paths[kind] = str(target)
         return paths
 
@@ -308,7 +322,7 @@ class SandboxManager:
         records = self.store.load_all()
         for record in records:
             self._adopt(record)
-        self._sweep_unrecorded({r.id for r in records})
+        self._sweep_unrecorded()
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
 
@@ -324,13 +338,18 @@ class SandboxManager:
         if pause is not None:
             self.watcher.watch(pause, lambda _: self._on_pause_exit(record.id))
 
-    def _sweep_unrecorded(self, known: set[str]) -> None:
-        """Run dirs without a record are Runs the daemon died in: undo them."""
-        for run_dir in self.config.run_sandboxes_dir.iterdir():
-            sandbox_id = run_dir.name
-            if sandbox_id in known or not ID_RE.match(sandbox_id):
+    def _sweep_unrecorded(self) -> None:
+        """Run dirs and net pins without a record file are Runs the daemon died in
+        (or whose undo failed): undo them. A record that exists but could not be
+        loaded protects its sandbox: it is never swept."""
+        recorded = {p.stem for p in self.config.sandboxes_dir.glob("*.json")}
+        found = {p.name for p in self.config.run_sandboxes_dir.iterdir()}
+        found |= {p.name.removeprefix("pyshim-") for p in self.config.netns_dir.glob("pyshim-*")}
+        for sandbox_id in sorted(found - recorded):
+            if not ID_RE.match(sandbox_id):
                 continue
-            for pid in _pauses_of(sandbox_id):
+            run_dir = self.config.run_sandboxes_dir / sandbox_id
+            for pid in pauses_of(sandbox_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
             for kind in namespaces.KINDS:
@@ -343,22 +362,29 @@ class SandboxManager:
         """Drop pidfds; pauses keep running (a daemon restart must not stop pods)."""
 
 
+class _Rollback:
+    """Undo steps of a half-made sandbox, run newest first. Every step runs even if
+    one fails; a failure is logged and makes run() return False."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self._steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def add(self, step: Callable[..., object], *args: object) -> None:
+        self._steps.append((step, args))
+
+    def run(self) -> bool:
+        clean = True
+        for step, args in reversed(self._steps):
+            try:
+                step(*args)
+            except Exception:
+                log.exception("event=undo_failed sandbox=%s step=%s", self.sandbox_id, step.__qualname__)
+                clean = False
+        return clean
+
+
 def _matches(record: SandboxRecord, flt: ListFilter) -> bool:
     if flt.state is not None and record.state is not flt.state:
         return False
     return all(record.labels.get(k) == v for k, v in flt.labels)
-
-
-def _pauses_of(sandbox_id: str) -> Iterator[int]:
-    """Pids of pyshim-pause processes started for this sandbox id (from their argv)."""
-    marker = f"\0--id\0{sandbox_id}\0".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if cmdline.startswith(b"pyshim-pause\0") and marker in cmdline:
-            yield int(entry.name)

@@ -183,7 +183,9 @@ class RuntimeService:
         self, request: api_pb2.RunPodSandboxRequest, context: grpc.ServicerContext
     ) -> api_pb2.RunPodSandboxResponse:
         spec = validate.sandbox_spec(request, self.config.runtime_handlers)
-        return api_pb2.RunPodSandboxResponse(pod_sandbox_id=self.sandboxes.run(spec))
+        return api_pb2.RunPodSandboxResponse(
+            pod_sandbox_id=self.sandboxes.run(spec, context.time_remaining())
+        )
 
     @rpc
     def StopPodSandbox(
@@ -215,10 +217,15 @@ class RuntimeService:
         id_prefix = flt.id
         if id_prefix and not _looks_like_id(id_prefix):
             return b""  # no sandbox can have that id: an empty response
+        state = None
+        if flt.HasField("state"):
+            state = cri.state_from_cri(flt.state.state)
+            if state is None:
+                return b""  # no sandbox is in a state the API does not define
         records = self.sandboxes.list(
             ListFilter(
                 id_prefix=id_prefix,
-                state=cri.state_from_cri(flt.state.state) if flt.HasField("state") else None,
+                state=state,
                 labels=tuple(flt.label_selector.items()),
             )
         )

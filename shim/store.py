@@ -153,7 +153,9 @@ def write_atomically(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, payload)
+        view = memoryview(payload)
+        while view:  # a short write (e.g. a full disk) must never be renamed into place
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -25,6 +25,8 @@ MAX_LABEL_VALUE = 4096
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # Kubernetes' own limit on a pod's annotations
 MAX_SYSCTLS = 64
 MAX_ID = 64
+# The config is kept whole in the record (verbose status): bound what one pod may store.
+MAX_CONFIG_BYTES = 2 * 1024 * 1024
 
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -95,13 +97,15 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
             f"log_directory {log_dir[:80]!r} must be an absolute path without '..'",
         )
     _check_labels(config.labels, "label")
-    annotations_size = sum(len(k) + len(v) for k, v in config.annotations.items())
+    annotations_size = sum(len(k.encode()) + len(v.encode()) for k, v in config.annotations.items())
     _check(
         annotations_size <= MAX_ANNOTATIONS_BYTES,
         f"annotations take {annotations_size} bytes, the limit is {MAX_ANNOTATIONS_BYTES}",
     )
     _check_security(config)
     sysctls = _sysctls(config, modes)
+    size = config.ByteSize()
+    _check(size <= MAX_CONFIG_BYTES, f"config is {size} bytes, the limit is {MAX_CONFIG_BYTES}")
     return SandboxSpec(
         metadata=metadata,
         modes=modes,
@@ -141,15 +145,16 @@ def _check_labels(labels: Mapping[str, str], what: str) -> None:
     _check(len(labels) <= MAX_LABELS, f"{len(labels)} {what}s, the limit is {MAX_LABELS}")
     for key, value in labels.items():
         _check(0 < len(key) <= MAX_LABEL_KEY, f"{what} key {key[:80]!r} must be 1-{MAX_LABEL_KEY} bytes")
+        size = len(value.encode())
         _check(
-            len(value) <= MAX_LABEL_VALUE,
-            f"{what} {key[:80]!r}: value is {len(value)} bytes, the limit is {MAX_LABEL_VALUE}",
+            size <= MAX_LABEL_VALUE,
+            f"{what} {key[:80]!r}: value is {size} bytes, the limit is {MAX_LABEL_VALUE}",
         )
 
 
 def _modes(config: api_pb2.PodSandboxConfig) -> NamespaceModes:
     opts = config.linux.security_context.namespace_options
-    network, pid, ipc = NamespaceMode(opts.network), NamespaceMode(opts.pid), NamespaceMode(opts.ipc)
+    network, pid, ipc = _mode(opts.network, "network"), _mode(opts.pid, "pid"), _mode(opts.ipc, "ipc")
     _check(
         network in (NamespaceMode.POD, NamespaceMode.NODE),
         f"network namespace mode {network.name} is not POD or NODE",
@@ -160,7 +165,7 @@ def _modes(config: api_pb2.PodSandboxConfig) -> NamespaceModes:
     _check(pid != NamespaceMode.TARGET, "pid namespace mode TARGET applies to containers, not sandboxes")
     userns = opts.userns_options
     if opts.HasField("userns_options"):
-        mode = NamespaceMode(userns.mode)
+        mode = _mode(userns.mode, "user")
         _check(
             mode in (NamespaceMode.POD, NamespaceMode.NODE),
             f"user namespace mode {mode.name} is not POD or NODE",
@@ -168,6 +173,15 @@ def _modes(config: api_pb2.PodSandboxConfig) -> NamespaceModes:
         if mode == NamespaceMode.POD and (userns.uids or userns.gids):
             raise Unimplemented("user namespaces with id mappings are not supported by pyshim yet")
     return NamespaceModes(network=network, pid=pid, ipc=ipc, target_id=opts.target_id)
+
+
+def _mode(value: int, kind: str) -> NamespaceMode:
+    try:
+        return NamespaceMode(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"{kind} namespace mode {value} is not one of POD, CONTAINER, NODE, TARGET"
+        ) from None
 
 
 def _check_security(config: api_pb2.PodSandboxConfig) -> None:

@@ -116,3 +116,20 @@ def test_daemon_dying_mid_run_is_swept_on_restart(daemon_factory: type[Daemon], 
     assert list((d.run_root / "sandboxes").iterdir()) == []
     assert list(d.netns_dir.iterdir()) == []
     assert d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+
+
+def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon) -> None:
+    sandbox_id = run_pod(daemon)
+    info = details(daemon, sandbox_id)
+    daemon.kill9()
+    record_path = daemon.root / "sandboxes" / f"{sandbox_id}.json"
+    record = json.loads(record_path.read_text())
+    record["version"] = 99  # written by a newer pyshim, say
+    record_path.write_text(json.dumps(record))
+    daemon.start()
+    # Not managed (so not listed), but neither killed nor unpinned nor deleted.
+    assert daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+    assert info["pid"] in pause_pids()
+    assert all(Path(p).exists() for p in info["namespaces"].values())
+    assert record_path.exists()
+    assert "record_refused" in daemon.log.read_text()

@@ -284,3 +284,16 @@ def test_pause_reaps_orphans_in_the_pod_pid_namespace(daemon: Daemon) -> None:
         time.sleep(0.05)
     assert children_file.read_text().strip() == ""  # exited and reaped: no zombie left
     assert status(daemon, sandbox_id).status.state == api_pb2.SANDBOX_READY
+
+
+def test_pauses_hold_no_stray_file_descriptors(daemon: Daemon) -> None:
+    # Made concurrently: a descriptor of one Run must not leak into another's pause.
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.append(run_pod(daemon))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sandbox_id in ids:
+        pid = sandbox_pid(daemon, sandbox_id)
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]

@@ -177,3 +177,22 @@ def test_pause_binary_behaves_like_kubernetes_pause() -> None:
         ours.close()
         proc.send_signal(signo)
         assert proc.wait(timeout=10) == 0
+
+
+def test_pause_refuses_orders_that_would_change_the_host() -> None:
+    from shim.pause import find_pause
+
+    pause = find_pause(None)
+    for args in (
+        ["--hostname", "evil"],
+        ["--ns", "net", "--sysctl", "kernel.shmmni=1"],
+        ["--sysctl", "net.x=1"],
+    ):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = subprocess.Popen(
+            [str(pause), "--sync-fd", str(theirs.fileno()), *args], pass_fds=[theirs.fileno()]
+        )
+        theirs.close()
+        assert ours.recv(128).startswith(b"error ")
+        ours.close()
+        assert proc.wait(timeout=10) != 0

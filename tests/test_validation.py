@@ -140,3 +140,25 @@ def test_pause_failure_is_reported_and_rolled_back(daemon: Daemon) -> None:
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "net.ipv4.no_such_knob" in (err.value.details() or "")
     assert_nothing_made(daemon, before)
+
+
+def test_undefined_enum_values(daemon: Daemon) -> None:
+    before = pause_pids()
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, network=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "network namespace mode 5" in (err.value.details() or "")
+    assert_nothing_made(daemon, before)
+    flt = api_pb2.PodSandboxFilter(state=api_pb2.PodSandboxStateValue(state=7))  # type: ignore[arg-type]
+    assert daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(filter=flt), timeout=10).items == []
+
+
+def test_oversized_config_is_refused(daemon: Daemon) -> None:
+    config = pod_config()
+    config.dns_config.searches.extend(["x" * 1000] * 3000)  # fields pyshim does not check one by one
+    before = pause_pids()
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the limit is" in (err.value.details() or "")
+    assert_nothing_made(daemon, before)

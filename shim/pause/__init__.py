@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def _read_report(sock: socket.socket, spawned: int, orders: PauseOrders, timeout
         while True:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
-                data, ancillary, _, _ = sock.recvmsg(512, socket.CMSG_SPACE(4))
+                data, ancillary, _, _ = sock.recvmsg(512, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
             except TimeoutError:
                 error = f"no report within {timeout:.0f}s"
                 break
@@ -163,9 +164,28 @@ def _read_report(sock: socket.socket, spawned: int, orders: PauseOrders, timeout
             # Orphaned by its parent's exit, it is now ours (we are a subreaper).
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        # A pid-namespace child whose parent was killed before it reported: find it by id.
+        for stray in pauses_of(orders.sandbox_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
         raise
     if spawned != identity.pid:
         # New pid namespace: the spawned process was the pause's parent and has exited.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(spawned, 0)
     return SpawnedPause(identity=identity, netlink=netlink, warnings=warnings)
+
+
+def pauses_of(sandbox_id: str) -> Iterator[int]:
+    """Pids of pyshim-pause processes started for this sandbox id (from their argv)."""
+    marker = f"\0--id\0{sandbox_id}\0".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"pyshim-pause\0") and marker in cmdline:
+            yield int(entry.name)

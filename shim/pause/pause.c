@@ -76,6 +76,12 @@ static void fail(const char *what)
 	_exit(1);
 }
 
+static void refuse(const char *why)
+{
+	send_msg(-1, "error %s", why);
+	_exit(2);
+}
+
 static void sigdown(int signo)
 {
 	(void)signo;
@@ -136,6 +142,7 @@ static void install_handlers(void)
 
 static void usage(void)
 {
+	send_msg(-1, "error bad arguments (see pyshim-pause --help)");
 	fprintf(stderr,
 		"usage: pyshim-pause [--id ID] [--ns net,ipc,uts,pid] [--hostname NAME]\n"
 		"                    [--sysctl KEY=VALUE]... [--oom-score-adj N] [--sync-fd FD]\n"
@@ -175,6 +182,8 @@ int main(int argc, char **argv)
 			sysctls[nsysctls++] = v;
 		} else if (!strcmp(a, "--ns")) {
 			char *list = strdup(v);
+			if (!list)
+				fail("strdup");
 			for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
 				if (!strcmp(tok, "net"))
 					flags |= CLONE_NEWNET, new_net = 1;
@@ -193,8 +202,24 @@ int main(int argc, char **argv)
 		}
 	}
 
+	/* Only stdio and the sync fd: nothing of the daemon's (or another pod's) may
+	 * stay open in a process that lives as long as the pod. */
+	if (sync_fd > 3)
+		close_range(3, (unsigned)sync_fd - 1, 0);
+	close_range(sync_fd >= 3 ? (unsigned)sync_fd + 1 : 3, ~0U, 0);
 	if (sync_fd >= 0)
 		fcntl(sync_fd, F_SETFD, FD_CLOEXEC);
+	/* Orders that would change the host's own namespaces are refused here too. */
+	if (hostname && !(flags & CLONE_NEWUTS))
+		refuse("--hostname needs a new uts namespace");
+	for (int i = 0; i < nsysctls; i++) {
+		int is_net = !strncmp(sysctls[i], "net.", 4);
+		if (is_net ? !new_net : !(flags & CLONE_NEWIPC))
+			refuse("--sysctl needs a new namespace of its kind");
+	}
+	/* Installed before any fork: as PID 1 of a pid namespace, a process without
+	 * handlers ignores SIGTERM. */
+	install_handlers();
 	if (oom && write_file("/proc/self/oom_score_adj", oom) < 0)
 		send_msg(-1, "warn oom_score_adj %s: %s", oom, strerror(errno));
 	if (flags && unshare(flags) < 0)
@@ -218,7 +243,6 @@ int main(int argc, char **argv)
 		send_msg(-1, "pid %d", (int)getpid());
 	}
 
-	install_handlers();
 	int nl = -1;
 	if (new_net) {
 		nl = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_ROUTE);
