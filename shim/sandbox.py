@@ -59,6 +59,8 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._names: dict[str, str] = {}  # reservation name -> id
         self._pending: dict[str, threading.Event] = {}  # names whose Run is in flight
+        # Bumped after every change a list could show; lets callers cache a full list.
+        self.generation = 0
         config.run_sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config.netns_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
 
@@ -165,6 +167,7 @@ class SandboxManager:
         with self._lock:
             self._sandboxes[sandbox_id] = sandbox
             self._names[spec.metadata.reservation] = sandbox_id
+            self.generation += 1
         # An exit that already happened shows as a readable pidfd: seen at once.
         self.watcher.watch(pause, lambda _: self._on_pause_exit(sandbox_id))
         log.info(
@@ -261,9 +264,17 @@ class SandboxManager:
             sandbox.removed = True
         with self._lock:
             self._sandboxes.pop(sandbox.record.id, None)
+            self.generation += 1
             if self._names.get(sandbox.record.metadata.reservation) == sandbox.record.id:
                 del self._names[sandbox.record.metadata.reservation]
         log.info("event=sandbox_removed sandbox=%s", sandbox.record.id)
+
+    def _publish(self, sandbox: Sandbox, record: SandboxRecord) -> None:
+        """Persist a changed record, then show it (caller holds sandbox.lock)."""
+        self.store.save(record)
+        sandbox.record = record
+        with self._lock:
+            self.generation += 1
 
     def _on_pause_exit(self, sandbox_id: str) -> None:
         """A pause died outside of Stop: the sandbox is NOTREADY; pins stay for Stop."""
@@ -275,8 +286,7 @@ class SandboxManager:
             if sandbox.removed or sandbox.record.state is not SandboxState.READY or sandbox.pause is None:
                 return
             sandbox.pause = None
-            sandbox.record = replace(sandbox.record, state=SandboxState.NOTREADY, pause=None)
-            self.store.save(sandbox.record)
+            self._publish(sandbox, replace(sandbox.record, state=SandboxState.NOTREADY, pause=None))
         log.warning("event=pause_exited sandbox=%s state=NOTREADY", sandbox_id)
 
     # ---- PodSandboxStatus / ListPodSandbox ----------------------------------------

@@ -126,6 +126,9 @@ class RuntimeService:
     def __init__(self, config: Config, sandboxes: SandboxManager) -> None:
         self.config = config
         self.sandboxes = sandboxes
+        # The unfiltered list, encoded, and the generation it was made at: kubelet
+        # relists every second and most seconds nothing changed.
+        self._full_list: tuple[int, bytes] = (-1, b"")
 
     @rpc
     def Version(
@@ -213,6 +216,8 @@ class RuntimeService:
 
     @rpc
     def ListPodSandbox(self, request: api_pb2.ListPodSandboxRequest, context: grpc.ServicerContext) -> bytes:
+        if not request.HasField("filter") or request.filter.ByteSize() == 0:
+            return self._list_all()
         flt = request.filter
         id_prefix = flt.id
         if id_prefix and not _looks_like_id(id_prefix):
@@ -230,6 +235,14 @@ class RuntimeService:
             )
         )
         return cri.list_pod_sandbox_response(records)
+
+    def _list_all(self) -> bytes:
+        generation = self.sandboxes.generation  # read first: a change during the list bumps it
+        cached_generation, encoded = self._full_list
+        if cached_generation != generation:
+            encoded = cri.list_pod_sandbox_response(self.sandboxes.list(ListFilter()))
+            self._full_list = (generation, encoded)
+        return encoded
 
 
 class ImageService:
