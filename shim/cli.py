@@ -9,7 +9,10 @@ from pathlib import Path
 
 from shim import __version__
 from shim.config import (
+    DEFAULT_BRIDGE,
     DEFAULT_NETNS_DIR,
+    DEFAULT_NFT_TABLE,
+    DEFAULT_POD_SUBNET,
     DEFAULT_ROOT,
     DEFAULT_RUN_ROOT,
     DEFAULT_RUNTIME_HANDLER,
@@ -63,6 +66,22 @@ def _parser() -> argparse.ArgumentParser:
         "--pause-start-timeout", type=float, default=10.0, help="seconds to wait for a pause to be ready"
     )
     serve.add_argument("--grpc-workers", type=int, default=32, help="threads serving requests")
+    serve.add_argument(
+        "--bridge-name", default=DEFAULT_BRIDGE, help="host bridge of the built-in pod network"
+    )
+    serve.add_argument("--pod-subnet", default=DEFAULT_POD_SUBNET, help="IPv4 subnet pods get addresses from")
+    serve.add_argument(
+        "--nft-table", default=DEFAULT_NFT_TABLE, help="pyshim's own nftables table (ip family)"
+    )
+    serve.add_argument(
+        "--no-ip-forward", dest="ip_forward", action="store_false", help="leave net.ipv4.ip_forward as it is"
+    )
+    serve.add_argument(
+        "--no-masquerade",
+        dest="masquerade",
+        action="store_false",
+        help="no SNAT for traffic leaving the pod subnet",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--fail-at",
@@ -85,6 +104,11 @@ def _config(args: argparse.Namespace) -> Config:
         pause_stop_timeout=args.pause_stop_timeout,
         pause_start_timeout=args.pause_start_timeout,
         grpc_workers=args.grpc_workers,
+        bridge_name=args.bridge_name,
+        pod_subnet=args.pod_subnet,
+        nft_table=args.nft_table,
+        ip_forward=args.ip_forward,
+        masquerade=args.masquerade,
         fail_at=args.fail_at,
         log_level=args.log_level,
     )

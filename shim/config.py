@@ -11,6 +11,9 @@ DEFAULT_RUN_ROOT = Path("/run/pyshim")
 DEFAULT_NETNS_DIR = Path("/run/netns")
 # The name kubelet sends when no RuntimeClass is set is "", which selects this one.
 DEFAULT_RUNTIME_HANDLER = "runc"
+DEFAULT_BRIDGE = "pyshim0"
+DEFAULT_POD_SUBNET = "10.88.0.0/16"
+DEFAULT_NFT_TABLE = "pyshim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,13 @@ class Config:
     pause_start_timeout: float = 10.0
     pause_oom_score_adj: int = -998
     grpc_workers: int = 32
+    # Built-in pod network.
+    bridge_name: str = DEFAULT_BRIDGE
+    pod_subnet: str = DEFAULT_POD_SUBNET
+    nft_table: str = DEFAULT_NFT_TABLE
+    # Outbound traffic from pods needs forwarding on; tests that stay inside the node turn this off.
+    ip_forward: bool = True
+    masquerade: bool = True
     # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
     fail_at: str | None = None
     log_level: str = "info"
@@ -42,6 +52,10 @@ class Config:
     def run_sandboxes_dir(self) -> Path:
         """Per-sandbox runtime dirs: namespace pins; their presence marks a Run in flight."""
         return self.run_root / "sandboxes"
+
+    @property
+    def ipam_dir(self) -> Path:
+        return self.root / "ipam"
 
     @property
     def image_dir(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -12,7 +13,8 @@ from weakref import WeakKeyDictionary
 from google.protobuf import json_format
 
 from shim._proto import api_pb2
-from shim.store import SandboxRecord, SandboxState
+from shim.network import node_address
+from shim.store import NamespaceMode, SandboxRecord, SandboxState
 
 _STATE: dict[SandboxState, api_pb2.PodSandboxState] = {
     SandboxState.READY: api_pb2.SANDBOX_READY,
@@ -60,9 +62,19 @@ def list_pod_sandbox_response(records: list[SandboxRecord]) -> bytes:
     return b"".join(parts)
 
 
+def _network(record: SandboxRecord) -> api_pb2.PodSandboxNetworkStatus | None:
+    if record.network is not None:
+        extra = [api_pb2.PodIP(ip=ip) for ip in record.network.additional_ips]
+        return api_pb2.PodSandboxNetworkStatus(ip=record.network.ip, additional_ips=extra)
+    if record.modes.network == NamespaceMode.NODE and record.state is SandboxState.READY:
+        return api_pb2.PodSandboxNetworkStatus(ip=node_address())
+    return None
+
+
 def pod_sandbox_status(record: SandboxRecord) -> api_pb2.PodSandboxStatus:
     modes = record.modes
     return api_pb2.PodSandboxStatus(
+        network=_network(record),
         id=record.id,
         metadata=_metadata(record),
         state=_STATE[record.state],
@@ -91,6 +103,14 @@ def verbose_info(record: SandboxRecord) -> dict[str, str]:
         "pid": record.pause.pid if record.pause else 0,
         "pauseStartTime": record.pause.start_time if record.pause else 0,
         "namespaces": record.namespaces.as_dict(),
+        "network": None
+        if record.network is None
+        else {
+            "ip": record.network.ip,
+            "hostInterface": record.network.host_interface,
+            "portMappings": [asdict(m) for m in record.network.port_mappings],
+        },
+        "files": record.files,
         "hostname": record.hostname,
         "runtimeHandler": record.runtime_handler,
         "config": json_format.MessageToDict(config),

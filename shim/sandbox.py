@@ -12,15 +12,19 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shim import namespaces, netlink
+from shim import namespaces
 from shim.config import Config
 from shim.errors import AlreadyExists, InjectedFailure, Internal, NotFound, ShimError
+from shim.network import netlink, node_address
+from shim.network.bridge import BridgeNetwork
+from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
 from shim.procs import ExitWatcher, TrackedProcess
 from shim.store import ID_RE, SandboxRecord, SandboxState, SandboxStore
@@ -50,9 +54,12 @@ class ListFilter:
 
 
 class SandboxManager:
-    def __init__(self, config: Config, pause_path: Path, watcher: ExitWatcher) -> None:
+    def __init__(
+        self, config: Config, pause_path: Path, watcher: ExitWatcher, network: BridgeNetwork
+    ) -> None:
         self.config = config
         self.pause_path = pause_path
+        self.network = network
         self.store = SandboxStore(config.sandboxes_dir)
         self.watcher = watcher
         self._lock = threading.Lock()  # guards the three maps below
@@ -132,10 +139,20 @@ class SandboxManager:
 
             paths = self._pin_all(sandbox_id, spawned, spec, rollback)
             self._inject("pin")
+            pod_network = None
             if spawned.netlink is not None:
                 netlink.link_up(spawned.netlink)
+                # Registered first: a setup that fails midway may have taken an address.
+                rollback.add(self.network.teardown, sandbox_id)
+                pod_network = self.network.setup(
+                    sandbox_id, paths["net"], spawned.netlink, spec.port_mappings
+                )
                 spawned.netlink.close()
             self._inject("network")
+            hostname = spec.hostname or (socket.gethostname() if pod_network is None else "")
+            files = write_pod_files(
+                run_dir, hostname, pod_network.ip if pod_network else node_address(), spec.dns
+            )
 
             record = SandboxRecord(
                 id=sandbox_id,
@@ -150,6 +167,8 @@ class SandboxManager:
                 annotations=spec.annotations,
                 pause=spawned.identity,
                 namespaces=namespaces.NamespacePaths.of(paths),
+                network=pod_network,
+                files=files,
                 config=spec.config,
             )
             self._inject("save")
@@ -234,7 +253,12 @@ class SandboxManager:
 
     def _stop_locked(self, sandbox: Sandbox) -> None:
         record = sandbox.record
-        if record.state is SandboxState.NOTREADY and record.pause is None and not record.namespaces.paths:
+        if (
+            record.state is SandboxState.NOTREADY
+            and record.pause is None
+            and record.network is None
+            and not record.namespaces.paths
+        ):
             return  # stopped before: nothing is left to release
         pause = sandbox.pause
         if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
@@ -333,6 +357,7 @@ class SandboxManager:
         for record in records:
             self._adopt(record)
         self._sweep_unrecorded()
+        self.network.reconcile({r.id for r in records if r.network is not None})
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
 

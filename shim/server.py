@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from shim import __version__, cri, validate
 from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
+from shim.network.bridge import BridgeConfig, BridgeNetwork
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, become_subreaper
 from shim.sandbox import ListFilter, SandboxManager
@@ -145,12 +147,7 @@ class RuntimeService:
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
         conditions = [
             api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
-            api_pb2.RuntimeCondition(
-                type="NetworkReady",
-                status=False,
-                reason="NoPodNetwork",
-                message="pyshim does not set up pod networks yet: pods get a loopback interface only",
-            ),
+            api_pb2.RuntimeCondition(type="NetworkReady", status=True),
         ]
         response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
         if request.verbose:
@@ -165,6 +162,14 @@ class RuntimeService:
             "root": str(c.root),
             "runRoot": str(c.run_root),
             "netnsDir": str(c.netns_dir),
+            "network": {
+                "kind": "bridge",
+                "bridge": c.bridge_name,
+                "podSubnet": c.pod_subnet,
+                "gateway": str(self.sandboxes.network.gateway),
+                "nftTable": c.nft_table,
+                "addressesInUse": len(self.sandboxes.network.ipam.allocated()),
+            },
             "pause": str(self.sandboxes.pause_path),
             "runtimeHandlers": list(c.runtime_handlers),
             "cgroupDriver": "cgroupfs",
@@ -301,7 +306,17 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.watcher = ExitWatcher()
-        self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher)
+        self.network = BridgeNetwork(
+            BridgeConfig(
+                name=config.bridge_name,
+                subnet=ipaddress.IPv4Network(config.pod_subnet),
+                nft_table=config.nft_table,
+                ip_forward=config.ip_forward,
+                masquerade=config.masquerade,
+            ),
+            config.ipam_dir,
+        )
+        self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher, self.network)
         self.server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -333,6 +348,7 @@ class Daemon:
         if self.server is not None:
             self.server.stop(grace).wait()
         self.watcher.close()
+        self.network.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
         log.info("event=stopped")

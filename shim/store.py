@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.namespaces import NamespacePaths
+from shim.network import PodNetwork, PortMapping
 from shim.procs import ProcessIdentity
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class SandboxRecord:
     annotations: dict[str, str] = field(default_factory=dict)
     pause: ProcessIdentity | None = None
     namespaces: NamespacePaths = field(default_factory=NamespacePaths)
+    # What the pod network set up; None for host-network pods and once stopped.
+    network: PodNetwork | None = None
+    # resolv.conf, hostname, hosts written for containers to mount: name -> path.
+    files: dict[str, str] = field(default_factory=dict)
     # The PodSandboxConfig exactly as received (serialized protobuf), for verbose status.
     config: bytes = b""
 
@@ -115,6 +120,8 @@ class SandboxRecord:
                 "boot_id": self.pause.boot_id,
             },
             "namespaces": self.namespaces.as_dict(),
+            "network": None if self.network is None else _network_json(self.network),
+            "files": self.files,
             "config": base64.b64encode(self.config).decode(),
         }
 
@@ -144,23 +151,56 @@ class SandboxRecord:
             annotations=dict(data["annotations"]),
             pause=None if pause is None else ProcessIdentity(**pause),
             namespaces=NamespacePaths.of(data["namespaces"]),
+            network=None if data.get("network") is None else _network_from_json(data["network"]),
+            files=dict(data.get("files", {})),
             config=base64.b64decode(data["config"]),
         )
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Temp file in the same dir, fsync, rename, fsync the dir: all or nothing."""
+def _network_json(network: PodNetwork) -> dict[str, Any]:
+    return {
+        "ip": network.ip,
+        "additional_ips": list(network.additional_ips),
+        "host_interface": network.host_interface,
+        "port_mappings": [
+            {
+                "protocol": m.protocol,
+                "container_port": m.container_port,
+                "host_port": m.host_port,
+                "host_ip": m.host_ip,
+            }
+            for m in network.port_mappings
+        ],
+    }
+
+
+def _network_from_json(data: dict[str, Any]) -> PodNetwork:
+    return PodNetwork(
+        ip=data["ip"],
+        additional_ips=tuple(data["additional_ips"]),
+        host_interface=data["host_interface"],
+        port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
+    )
+
+
+def write_atomically(path: Path, payload: bytes, durable: bool = True) -> None:
+    """Temp file in the same dir, fsync, rename, fsync the dir: all or nothing.
+
+    durable=False skips the fsyncs: for files on tmpfs, which a reboot clears anyway.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(payload)
         while view:  # a short write (e.g. a full disk) must never be renamed into place
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

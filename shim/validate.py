@@ -6,12 +6,15 @@ request string from ever reaching the kernel or a path unchecked.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shim._proto import api_pb2
 from shim.errors import InvalidArgument, Unimplemented
+from shim.network import PortMapping
+from shim.network.files import DnsConfig
 from shim.store import Metadata, NamespaceMode, NamespaceModes
 
 MAX_NAME = 253  # a DNS-1123 subdomain, like a pod name
@@ -25,6 +28,12 @@ MAX_LABEL_VALUE = 4096
 MAX_ANNOTATIONS_BYTES = 256 * 1024  # Kubernetes' own limit on a pod's annotations
 MAX_SYSCTLS = 64
 MAX_ID = 64
+MAX_DNS_SERVERS = 3  # what a resolver reads
+MAX_DNS_SEARCHES = 32
+MAX_DNS_OPTIONS = 16
+MAX_PORT_MAPPINGS = 128
+_PROTOCOLS = {0: "tcp", 1: "udp", 2: "sctp"}
+_DNS_WORD = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 # The config is kept whole in the record (verbose status): bound what one pod may store.
 MAX_CONFIG_BYTES = 2 * 1024 * 1024
 
@@ -50,6 +59,8 @@ class SandboxSpec:
     labels: dict[str, str]
     annotations: dict[str, str]
     sysctls: dict[str, str] = field(default_factory=dict)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    port_mappings: tuple[PortMapping, ...] = ()
     config: bytes = b""
 
     @property
@@ -115,6 +126,8 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
         labels=dict(config.labels),
         annotations=dict(config.annotations),
         sysctls=sysctls,
+        dns=_dns(config),
+        port_mappings=_port_mappings(config),
         config=config.SerializeToString(deterministic=True),
     )
 
@@ -220,6 +233,54 @@ def _sysctls(config: api_pb2.PodSandboxConfig, modes: NamespaceModes) -> dict[st
                 f"sysctl {key} would change the node: the pod uses the host IPC namespace",
             )
     return sysctls
+
+
+def _dns(config: api_pb2.PodSandboxConfig) -> DnsConfig:
+    dns = config.dns_config
+    _check(
+        len(dns.servers) <= MAX_DNS_SERVERS, f"{len(dns.servers)} DNS servers, the limit is {MAX_DNS_SERVERS}"
+    )
+    _check(
+        len(dns.searches) <= MAX_DNS_SEARCHES,
+        f"{len(dns.searches)} DNS searches, the limit is {MAX_DNS_SEARCHES}",
+    )
+    _check(
+        len(dns.options) <= MAX_DNS_OPTIONS, f"{len(dns.options)} DNS options, the limit is {MAX_DNS_OPTIONS}"
+    )
+    for server in dns.servers:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise InvalidArgument(f"DNS server {server[:80]!r} is not an IP address") from None
+    # Each word lands on a line of resolv.conf: nothing that could start another line.
+    for word in [*dns.searches, *dns.options]:
+        _check(bool(_DNS_WORD.match(word)), f"DNS search or option {word[:80]!r} is malformed")
+    return DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options))
+
+
+def _port_mappings(config: api_pb2.PodSandboxConfig) -> tuple[PortMapping, ...]:
+    mappings = config.port_mappings
+    _check(
+        len(mappings) <= MAX_PORT_MAPPINGS, f"{len(mappings)} port mappings, the limit is {MAX_PORT_MAPPINGS}"
+    )
+    result = []
+    seen = set()
+    for m in mappings:
+        _check(m.protocol in _PROTOCOLS, f"port mapping protocol {m.protocol} is not TCP, UDP or SCTP")
+        _check(1 <= m.container_port <= 65535, f"container port {m.container_port} is not 1-65535")
+        _check(0 <= m.host_port <= 65535, f"host port {m.host_port} is not 0-65535")
+        if m.host_ip:
+            try:
+                ipaddress.IPv4Address(m.host_ip)
+            except ValueError:
+                raise InvalidArgument(f"host_ip {m.host_ip[:80]!r} is not an IPv4 address") from None
+        if m.host_port == 0:
+            continue  # the CRI's "no host port": nothing to map
+        key = (_PROTOCOLS[m.protocol], m.host_port, m.host_ip)
+        _check(key not in seen, f"host port {m.host_port}/{key[0]} is mapped twice")
+        seen.add(key)
+        result.append(PortMapping(key[0], m.container_port, m.host_port, m.host_ip))
+    return tuple(result)
 
 
 def id_prefix(value: str, what: str = "pod sandbox id") -> str:

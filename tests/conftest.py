@@ -82,14 +82,33 @@ def reap_our_zombies() -> None:
 # ---- the daemon -------------------------------------------------------------------------
 
 
+def veth_names() -> set[str]:
+    """pyshim's host-side veths (any daemon's)."""
+    return {name for name in os.listdir("/sys/class/net") if name.startswith("psh")}
+
+
 @dataclass
 class Daemon:
-    """A pyshim daemon subprocess with its own state dirs, and stubs to drive it."""
+    """A pyshim daemon subprocess with its own state dirs, bridge, subnet and
+    nftables table, and stubs to drive it."""
 
     base: Path
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    # A /24 of its own in 10.200-249.x: pods' addresses exist only in namespaces the test made.
+    pod_subnet: str = field(
+        default_factory=lambda: f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+    )
+
+    @property
+    def bridge(self) -> str:
+        return f"pst{self.tag}"
+
+    @property
+    def nft_table(self) -> str:
+        return f"pyshim_test_{self.tag}"
 
     @property
     def socket(self) -> Path:
@@ -201,6 +220,9 @@ class Daemon:
             subprocess.run(["umount", "-l", mountpoint], check=False)
         time.sleep(0.05)
         reap_our_zombies()
+        # The node-level network pieces this daemon made: its bridge and its table.
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+        subprocess.run(["nft", "delete", "table", "ip", self.nft_table], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -227,16 +249,18 @@ def daemon(daemon_factory: type[Daemon]) -> Daemon:
 
 @pytest.fixture(autouse=True)
 def leak_check(tmp_path: Path) -> Iterator[None]:
-    """After each test: no pause it made is alive, no namespace pin is mounted."""
+    """After each test: no pause it made is alive, no namespace pin is mounted, no veth left."""
     before = pause_pids()
+    veths_before = veth_names() if IS_ROOT else set()
     yield
     reap_our_zombies()
     deadline = time.monotonic() + 5
-    while (pause_pids() - before) and time.monotonic() < deadline:
+    while ((pause_pids() - before) or (veth_names() - veths_before)) and time.monotonic() < deadline:
         time.sleep(0.05)
         reap_our_zombies()
     assert pause_pids() - before == set(), "pause processes left behind"
     assert nsfs_mounts_under(tmp_path) == [], "namespace pins left mounted"
+    assert veth_names() - veths_before == set(), "veths left behind"
 
 
 # ---- requests -----------------------------------------------------------------------------

@@ -69,7 +69,9 @@ def test_run_makes_fresh_namespaces_pinned_at_recorded_paths(daemon: Daemon) -> 
     links = subprocess.run(
         ["nsenter", f"--net={net}", "ip", "-o", "link"], capture_output=True, text=True, check=True
     )
-    assert links.stdout.count("\n") == 1 and "lo:" in links.stdout and ",UP" in links.stdout
+    lines = links.stdout.splitlines()
+    assert [line.split(":")[1].strip().split("@")[0] for line in lines] == ["lo", "eth0"]
+    assert all(",UP" in line for line in lines)
     remove(daemon, sandbox_id)
 
 

@@ -40,8 +40,7 @@ def test_status_lists_both_conditions(daemon: Daemon) -> None:
     response = daemon.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=10)
     conditions = {c.type: c for c in response.status.conditions}
     assert conditions["RuntimeReady"].status is True
-    assert "NetworkReady" in conditions
-    assert not conditions["NetworkReady"].status and conditions["NetworkReady"].reason
+    assert conditions["NetworkReady"].status is True
     info = json.loads(response.info["info"])
     assert info["root"] == str(daemon.root) and info["cgroupDriver"] == "cgroupfs"
     assert daemon.runtime.Status(api_pb2.StatusRequest(), timeout=10).info == {}

@@ -1,0 +1,41 @@
+"""Pod networking: what a sandbox asks for and what it got.
+
+Backends: the built-in bridge (shim.network.bridge), and none for host-network
+pods (they report the node's address).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from functools import cache
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapping:
+    protocol: str  # "tcp", "udp" or "sctp"
+    container_port: int
+    host_port: int
+    host_ip: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PodNetwork:
+    """What RunPodSandbox set up; recorded, reported in PodSandboxStatus, undone on Stop."""
+
+    ip: str
+    additional_ips: tuple[str, ...] = ()
+    host_interface: str = ""
+    port_mappings: tuple[PortMapping, ...] = field(default_factory=tuple)
+
+
+@cache
+def node_address() -> str:
+    """The node's primary IPv4 address: the source of its default route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # A UDP connect sends nothing; it only asks the kernel for a route and source.
+            probe.connect(("192.0.2.1", 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
