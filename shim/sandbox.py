@@ -266,12 +266,17 @@ class SandboxManager:
                 f"pause of sandbox {record.id} (pid {pause.identity.pid}) did not exit after SIGKILL"
             )
         sandbox.pause = None
-        for path in record.namespaces.as_dict().values():
-            namespaces.unpin(Path(path))
-        sandbox.record = replace(
-            record, state=SandboxState.NOTREADY, pause=None, namespaces=namespaces.NamespacePaths()
-        )
-        self.store.save(sandbox.record)
+        if record.network is not None:
+            self.network.teardown(record.id)  # the veth goes with the namespace
+        stopped = replace(record, state=SandboxState.NOTREADY, pause=None, network=None)
+        try:
+            for path in record.namespaces.as_dict().values():
+                namespaces.unpin(Path(path))
+        except ShimError:
+            # The pause is gone whatever happens next: say so, keep the pins for a retry.
+            self._publish(sandbox, stopped)
+            raise
+        self._publish(sandbox, replace(stopped, namespaces=namespaces.NamespacePaths()))
         log.info("event=sandbox_stopped sandbox=%s", record.id)
 
     def remove(self, sandbox_id: str) -> None:

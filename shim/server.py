@@ -305,6 +305,8 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # First: a daemon that may not serve here must not touch the node (bridge, tables).
+        prepare_socket(config.socket)
         self.watcher = ExitWatcher()
         self.network = BridgeNetwork(
             BridgeConfig(
@@ -322,7 +324,6 @@ class Daemon:
     def start(self) -> None:
         # Recovery before the socket exists: no call ever sees half-loaded state.
         self.sandboxes.recover()
-        prepare_socket(self.config.socket)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers, thread_name_prefix="rpc"),
             options=[

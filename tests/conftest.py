@@ -146,6 +146,13 @@ class Daemon:
             str(self.netns_dir),
             "--log-level",
             "debug",
+            "--bridge-name",
+            self.bridge,
+            "--pod-subnet",
+            self.pod_subnet,
+            "--nft-table",
+            self.nft_table,
+            "--no-ip-forward",
             *self.extra_args,
         ]
 
@@ -252,6 +259,8 @@ def leak_check(tmp_path: Path) -> Iterator[None]:
     """After each test: no pause it made is alive, no namespace pin is mounted, no veth left."""
     before = pause_pids()
     veths_before = veth_names() if IS_ROOT else set()
+    forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    default_bridge_before = Path("/sys/class/net/pyshim0").exists()
     yield
     reap_our_zombies()
     deadline = time.monotonic() + 5
@@ -261,6 +270,9 @@ def leak_check(tmp_path: Path) -> Iterator[None]:
     assert pause_pids() - before == set(), "pause processes left behind"
     assert nsfs_mounts_under(tmp_path) == [], "namespace pins left mounted"
     assert veth_names() - veths_before == set(), "veths left behind"
+    # Tests run their daemons on bridges of their own and never touch node-wide settings.
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forward_before, "ip_forward changed"
+    assert Path("/sys/class/net/pyshim0").exists() == default_bridge_before, "default bridge touched"
 
 
 # ---- requests -----------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def test_pause_killed_from_outside_turns_notready(daemon: Daemon) -> None:
     info = details(daemon, sandbox_id)
     os.kill(info["pid"], signal.SIGKILL)
     assert wait_state(daemon, sandbox_id, api_pb2.SANDBOX_NOTREADY) == api_pb2.SANDBOX_NOTREADY
+    (item,) = daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    assert item.state == api_pb2.SANDBOX_NOTREADY
     # Stop still releases the pins the dead pause left.
     assert all(Path(p).exists() for p in info["namespaces"].values())
     daemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)

@@ -221,6 +221,12 @@ def test_list_filters(daemon: Daemon) -> None:
     stop(daemon, c)
     assert set(listed(daemon)) == {a, b, c}
     assert listed(daemon)[0] == c  # newest first
+    # The unfiltered list (kubelet's relist) shows the state as it is now.
+    states = {
+        p.id: p.state
+        for p in daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    }
+    assert states == {a: api_pb2.SANDBOX_READY, b: api_pb2.SANDBOX_READY, c: api_pb2.SANDBOX_NOTREADY}
     assert set(listed(daemon, label_selector={"tier": "front"})) == {a, b}
     assert listed(daemon, label_selector={"tier": "front", "app": "b"}) == [b]
     assert listed(daemon, label_selector={"app": "nope"}) == []

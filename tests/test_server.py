@@ -111,6 +111,7 @@ def test_live_socket_and_plain_file_are_refused(daemon: Daemon, tmp_path: Path) 
             str(tmp_path / "rr2"),
             "--netns-dir",
             str(tmp_path / "n2"),
+            *_network_flags(daemon),
         ],
         capture_output=True,
         text=True,
@@ -134,6 +135,7 @@ def test_live_socket_and_plain_file_are_refused(daemon: Daemon, tmp_path: Path) 
             str(tmp_path / "rr3"),
             "--netns-dir",
             str(tmp_path / "n3"),
+            *_network_flags(daemon),
         ],
         capture_output=True,
         text=True,
@@ -141,6 +143,18 @@ def test_live_socket_and_plain_file_are_refused(daemon: Daemon, tmp_path: Path) 
     )
     assert third.returncode != 0 and "not a socket" in third.stderr
     assert plain.read_text() == "precious"
+
+
+def _network_flags(daemon: Daemon) -> list[str]:
+    return [
+        "--bridge-name",
+        daemon.bridge,
+        "--pod-subnet",
+        daemon.pod_subnet,
+        "--nft-table",
+        daemon.nft_table,
+        "--no-ip-forward",
+    ]
 
 
 def test_help_documents_every_flag() -> None:

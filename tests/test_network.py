@@ -1,0 +1,210 @@
+"""The built-in pod network: addresses, reachability between pods, release on
+Stop, concurrency, crash recovery of the IPAM, DNS and host files. All traffic
+stays between network namespaces these tests made."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Daemon, pause_pids, pod_config, run_pod, status, veth_names
+
+from shim._proto import api_pb2
+
+pytestmark = pytest.mark.root
+
+ECHO_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1); s.settimeout(20)
+print("listening", flush=True)
+c, _ = s.accept(); c.sendall(c.recv(1024)); c.close()
+"""
+ECHO_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(sys.argv[3].encode()); print(c.recv(1024).decode())
+"""
+
+
+def details(daemon: Daemon, sandbox_id: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(status(daemon, sandbox_id, verbose=True).info["info"])
+
+
+def pod_ip(daemon: Daemon, sandbox_id: str) -> str:
+    return status(daemon, sandbox_id).status.network.ip
+
+
+def in_netns(netns: str, *argv: str) -> list[str]:
+    return ["nsenter", f"--net={netns}", *argv]
+
+
+def echo_between(server_netns: str, server_ip: str, client_netns: str, port: int = 7007) -> str:
+    server = subprocess.Popen(
+        in_netns(server_netns, sys.executable, "-c", ECHO_SERVER, str(port)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        client = subprocess.run(
+            in_netns(client_netns, sys.executable, "-c", ECHO_CLIENT, server_ip, str(port), "hello pod"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return client.stdout.strip()
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def stop(daemon: Daemon, sandbox_id: str) -> None:
+    daemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
+
+
+def remove(daemon: Daemon, sandbox_id: str) -> None:
+    daemon.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
+
+
+def test_two_pods_get_distinct_addresses_and_reach_each_other(daemon: Daemon) -> None:
+    a, b = run_pod(daemon), run_pod(daemon)
+    ip_a, ip_b = pod_ip(daemon, a), pod_ip(daemon, b)
+    subnet = ipaddress.ip_network(daemon.pod_subnet)
+    assert ip_a != ip_b and ipaddress.ip_address(ip_a) in subnet and ipaddress.ip_address(ip_b) in subnet
+    net_a, net_b = details(daemon, a)["namespaces"]["net"], details(daemon, b)["namespaces"]["net"]
+    assert echo_between(net_a, ip_a, net_b) == "hello pod"
+    route = subprocess.run(in_netns(net_b, "ip", "route"), capture_output=True, text=True, check=True).stdout
+    assert f"default via {next(subnet.hosts())} dev eth0" in route
+
+
+def test_stop_releases_the_address_and_the_veth(daemon: Daemon) -> None:
+    sandbox_id = run_pod(daemon)
+    ip = pod_ip(daemon, sandbox_id)
+    veth = details(daemon, sandbox_id)["network"]["hostInterface"]
+    assert veth in veth_names()
+    assert (daemon.root / "ipam" / ip).read_text() == sandbox_id
+    stop(daemon, sandbox_id)
+    assert not (daemon.root / "ipam" / ip).exists()
+    assert not status(daemon, sandbox_id).status.network.ip
+    deadline = time.monotonic() + 10
+    while veth in veth_names() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the kernel frees it with the namespace, in the background
+    assert veth not in veth_names()
+
+
+def test_host_network_pod_reports_the_node_address(daemon: Daemon) -> None:
+    sandbox_id = run_pod(daemon, network=api_pb2.NODE)
+    ip = pod_ip(daemon, sandbox_id)
+    assert ip and ipaddress.ip_address(ip) not in ipaddress.ip_network(daemon.pod_subnet)
+    assert list((daemon.root / "ipam").iterdir()) == []
+    files = details(daemon, sandbox_id)["files"]
+    assert Path(files["hostname"]).read_text().strip() == os.uname().nodename
+
+
+def test_many_concurrent_pods_get_distinct_addresses(daemon: Daemon) -> None:
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            sandbox_id = run_pod(daemon)
+            with lock:
+                ids.append(sandbox_id)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ips = [pod_ip(daemon, i) for i in ids]
+    assert len(ids) == 200 and len(set(ips)) == 200
+    assert sorted(p.name for p in (daemon.root / "ipam").iterdir()) == sorted(ips)
+
+
+def test_crash_between_allocation_and_reply_loses_nothing(daemon_factory: type[Daemon]) -> None:
+    d = daemon_factory()  # type: ignore[call-arg]
+    keep = run_pod(d)
+    kept_ip = pod_ip(d, keep)
+    d.restart(extra_args=["--fail-at", "crash:network"])
+    with pytest.raises(grpc.RpcError):
+        run_pod(d)  # the daemon dies after taking an address and making a veth
+    assert d.proc is not None and d.proc.wait(timeout=10) == 70
+    d.start(extra_args=[])
+    assert sorted(p.name for p in (d.root / "ipam").iterdir()) == [kept_ip]
+    assert pod_ip(d, keep) == kept_ip and status(d, keep).status.state == api_pb2.SANDBOX_READY
+    fresh = [run_pod(d) for _ in range(3)]
+    assert len({kept_ip, *(pod_ip(d, i) for i in fresh)}) == 4
+
+
+def test_failed_run_gives_its_address_back(daemon_factory: type[Daemon]) -> None:
+    d = daemon_factory(extra_args=["--fail-at", "network"])  # type: ignore[call-arg]
+    before = pause_pids()
+    with pytest.raises(grpc.RpcError):
+        run_pod(d)
+    assert list((d.root / "ipam").iterdir()) == []
+    assert pause_pids() - before == set()
+
+
+def test_dns_config_becomes_resolv_conf(daemon: Daemon) -> None:
+    config = pod_config(hostname="web-0")
+    config.dns_config.servers.extend(["10.96.0.10", "2001:db8::53"])
+    config.dns_config.searches.extend(["default.svc.cluster.local", "svc.cluster.local"])
+    config.dns_config.options.extend(["ndots:5", "edns0"])
+    sandbox_id = run_pod(daemon, config)
+    files = details(daemon, sandbox_id)["files"]
+    assert Path(files["resolv.conf"]).read_text() == (
+        "search default.svc.cluster.local svc.cluster.local\n"
+        "nameserver 10.96.0.10\nnameserver 2001:db8::53\noptions ndots:5 edns0\n"
+    )
+    assert Path(files["hostname"]).read_text() == "web-0\n"
+    assert f"{pod_ip(daemon, sandbox_id)}\tweb-0" in Path(files["hosts"]).read_text()
+    assert "127.0.0.1\tlocalhost" in Path(files["hosts"]).read_text()
+
+
+def test_no_dns_config_copies_the_hosts_resolv_conf(daemon: Daemon) -> None:
+    sandbox_id = run_pod(daemon)
+    files = details(daemon, sandbox_id)["files"]
+    assert Path(files["resolv.conf"]).read_bytes() == Path("/etc/resolv.conf").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("dns", "message"),
+    [
+        ({"servers": ["not-an-ip"]}, "not an IP address"),
+        ({"options": ["ndots:5\nnameserver 6.6.6.6"]}, "malformed"),
+        ({"searches": ["a b"]}, "malformed"),
+        ({"servers": ["1.1.1.1"] * 4}, "the limit is 3"),
+    ],
+)
+def test_bad_dns_config_is_rejected(daemon: Daemon, dns: dict[str, list[str]], message: str) -> None:
+    config = pod_config()
+    config.dns_config.MergeFrom(api_pb2.DNSConfig(**dns))
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (err.value.details() or "")
+    assert list((daemon.root / "ipam").iterdir()) == []
+
+
+def test_nftables_table_is_pyshims_own(daemon: Daemon) -> None:
+    table = subprocess.run(
+        ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"ip saddr {daemon.pod_subnet} ip daddr != {daemon.pod_subnet} masquerade" in table
+    # A restart re-makes it without duplicating rules.
+    daemon.restart()
+    again = subprocess.run(
+        ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
+    ).stdout
+    assert again.count("masquerade") == table.count("masquerade")
