@@ -147,6 +147,7 @@ class SandboxManager:
                 pod_network = self.network.setup(
                     sandbox_id, paths["net"], spawned.netlink, spec.port_mappings
                 )
+                rollback.add(self.network.teardown, sandbox_id, pod_network)
                 spawned.netlink.close()
             self._inject("network")
             hostname = spec.hostname or (socket.gethostname() if pod_network is None else "")
@@ -267,7 +268,7 @@ class SandboxManager:
             )
         sandbox.pause = None
         if record.network is not None:
-            self.network.teardown(record.id)  # the veth goes with the namespace
+            self.network.teardown(record.id, record.network)  # the veth goes with the namespace
         stopped = replace(record, state=SandboxState.NOTREADY, pause=None, network=None)
         try:
             for path in record.namespaces.as_dict().values():
@@ -362,7 +363,9 @@ class SandboxManager:
         for record in records:
             self._adopt(record)
         self._sweep_unrecorded()
-        self.network.reconcile({r.id for r in records if r.network is not None})
+        with_network = [r for r in records if r.network is not None]
+        self.network.reconcile({r.id for r in with_network})
+        self.network.sync_ports([r.network for r in with_network if r.network is not None])
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
 

@@ -208,3 +208,87 @@ def test_nftables_table_is_pyshims_own(daemon: Daemon) -> None:
         ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
     ).stdout
     assert again.count("masquerade") == table.count("masquerade")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_host_port_reaches_the_pod_from_loopback(daemon: Daemon) -> None:
+    host_port = free_port()
+    config = pod_config()
+    config.port_mappings.add(protocol=api_pb2.TCP, container_port=8080, host_port=host_port)
+    sandbox_id = run_pod(daemon, config)
+    net = details(daemon, sandbox_id)["namespaces"]["net"]
+    server = subprocess.Popen(
+        in_netns(net, sys.executable, "-c", ECHO_SERVER, "8080"), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        client = subprocess.run(
+            [sys.executable, "-c", ECHO_CLIENT, "127.0.0.1", str(host_port), "via host port"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert client.stdout.strip() == "via host port"
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+    maps = subprocess.run(
+        ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
+    ).stdout
+    assert f"{host_port} : {pod_ip(daemon, sandbox_id)} . 8080" in maps
+    # Kept across a restart, gone after Stop.
+    daemon.restart()
+    maps = subprocess.run(
+        ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
+    ).stdout
+    assert f"{host_port} : {pod_ip(daemon, sandbox_id)} . 8080" in maps
+    stop(daemon, sandbox_id)
+    maps = subprocess.run(
+        ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
+    ).stdout
+    assert f"{host_port} :" not in maps
+
+
+def test_host_port_taken_twice_is_refused_and_rolled_back(daemon: Daemon) -> None:
+    host_port = free_port()
+    first = pod_config()
+    first.port_mappings.add(protocol=api_pb2.UDP, container_port=53, host_port=host_port, host_ip="127.0.0.1")
+    run_pod(daemon, first)
+    second = pod_config()
+    second.port_mappings.add(
+        protocol=api_pb2.UDP, container_port=5353, host_port=host_port, host_ip="127.0.0.1"
+    )
+    before = pause_pids()
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, second)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{host_port}/udp" in (err.value.details() or "")
+    assert pause_pids() - before == set()
+    assert len(list((daemon.root / "ipam").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"container_port": 0, "host_port": 80}, "container port 0"),
+        ({"container_port": 80, "host_port": 70000}, "host port 70000"),
+        ({"container_port": 80, "host_port": 80, "host_ip": "::1"}, "not an IPv4 address"),
+        ({"container_port": 80, "host_port": 80, "host_ip": "1.2.3.4; drop"}, "not an IPv4 address"),
+    ],
+)
+def test_bad_port_mappings_are_rejected(daemon: Daemon, mapping: dict[str, object], message: str) -> None:
+    config = pod_config()
+    config.port_mappings.add(**mapping)  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, config)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (err.value.details() or "")

@@ -23,7 +23,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shim.errors import Internal
+from shim.errors import FailedPrecondition, Internal
 from shim.network import PodNetwork, PortMapping, netlink
 from shim.network.ipam import Ipam
 
@@ -77,26 +77,109 @@ class BridgeNetwork:
         return index
 
     def _ensure_nftables(self) -> None:
+        """pyshim's own table: masquerade for the pod subnet, host-port DNAT through maps.
+
+        Made with `add` (a no-op where a piece exists) and chains flushed and refilled,
+        all in one transaction: no window without rules, no duplicate rules, and the
+        maps of host ports survive a daemon restart.
+        """
         table, subnet, bridge = self.config.nft_table, self.config.subnet, self.config.name
-        masquerade = f"ip saddr {subnet} ip daddr != {subnet} masquerade\n" if self.config.masquerade else ""
-        # Deleted and re-made in one transaction: no window without rules, no duplicates.
-        ruleset = f"""
-table ip {table}
-delete table ip {table}
-table ip {table} {{
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        {masquerade}
-        ip saddr 127.0.0.0/8 oifname "{bridge}" masquerade
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        iifname "{bridge}" accept
-        oifname "{bridge}" ct state established,related accept
-    }}
-}}
-"""
-        nft(ruleset)
+        lines = [f"add table ip {table}"]
+        target = "ipv4_addr . inet_service"  # a pod address and port
+        for proto in _PROTOCOLS:
+            lines.append(f"add map ip {table} {_map(proto, False)} {{ type inet_service : {target}; }}")
+            lines.append(
+                f"add map ip {table} {_map(proto, True)} {{ type ipv4_addr . inet_service : {target}; }}"
+            )
+        chains = {
+            "hostports": (
+                "",
+                [
+                    rule
+                    for proto in _PROTOCOLS
+                    for rule in (
+                        f"dnat ip to ip daddr . {proto} dport map @{_map(proto, True)}",
+                        f"dnat ip to {proto} dport map @{_map(proto, False)}",
+                    )
+                ],
+            ),
+            "prerouting": (
+                "type nat hook prerouting priority dstnat; policy accept;",
+                ["fib daddr type local jump hostports"],
+            ),
+            "output": (
+                "type nat hook output priority -100; policy accept;",
+                ["fib daddr type local jump hostports"],
+            ),
+            "postrouting": (
+                "type nat hook postrouting priority srcnat; policy accept;",
+                [
+                    *(
+                        [f"ip saddr {subnet} ip daddr != {subnet} masquerade"]
+                        if self.config.masquerade
+                        else []
+                    ),
+                    # Host-port traffic from 127.0.0.1 to a pod must not arrive with a loopback source.
+                    f'ip saddr 127.0.0.0/8 oifname "{bridge}" masquerade',
+                ],
+            ),
+            "forward": (
+                "type filter hook forward priority filter; policy accept;",
+                [
+                    f'iifname "{bridge}" accept',
+                    f'oifname "{bridge}" ct state established,related accept',
+                ],
+            ),
+        }
+        for name, (hook, rules) in chains.items():
+            lines.append(
+                f"add chain ip {table} {name} {{ {hook} }}" if hook else f"add chain ip {table} {name}"
+            )
+            lines.append(f"flush chain ip {table} {name}")
+            lines += [f"add rule ip {table} {name} {rule}" for rule in rules]
+        nft("\n".join(lines) + "\n")
+
+    def _port_elements(self, network: PodNetwork) -> list[tuple[str, str]]:
+        """(map, element) pairs for a pod's host ports; values come validated."""
+        return [
+            (
+                _map(m.protocol, bool(m.host_ip)),
+                f"{m.host_ip} . {m.host_port}" if m.host_ip else str(m.host_port),
+            )
+            for m in network.port_mappings
+        ]
+
+    def _add_ports(self, network: PodNetwork) -> None:
+        if not network.port_mappings:
+            return
+        table = self.config.nft_table
+        lines = [
+            f"add element ip {table} {name} {{ {key} : {network.ip} . {m.container_port} }}"
+            for (name, key), m in zip(self._port_elements(network), network.port_mappings, strict=True)
+        ]
+        try:
+            nft("\n".join(lines) + "\n")
+        except Internal as exc:
+            if "File exists" in str(exc):
+                taken = ", ".join(f"{m.host_port}/{m.protocol}" for m in network.port_mappings)
+                raise FailedPrecondition(f"a host port of {taken} is already mapped to another pod") from None
+            raise
+
+    def _remove_ports(self, network: PodNetwork) -> None:
+        """Idempotent: an element already gone is fine."""
+        table = self.config.nft_table
+        for name, key in self._port_elements(network):
+            with contextlib.suppress(Internal):
+                nft(f"delete element ip {table} {name} {{ {key} }}\n")
+
+    def sync_ports(self, live: list[PodNetwork]) -> None:
+        """At start: the maps hold exactly the host ports of live pods (one transaction)."""
+        table = self.config.nft_table
+        lines = [f"flush map ip {table} {_map(p, ip)}" for p in _PROTOCOLS for ip in (False, True)]
+        for network in live:
+            for (name, key), m in zip(self._port_elements(network), network.port_mappings, strict=True):
+                lines.append(f"add element ip {table} {name} {{ {key} : {network.ip} . {m.container_port} }}")
+        nft("\n".join(lines) + "\n")
 
     # ---- per pod ------------------------------------------------------------------------
 
@@ -128,10 +211,15 @@ table ip {table} {{
         )
         netlink.link_up(pod_netlink, index)
         netlink.add_default_route(pod_netlink, index, self.gateway)
-        return PodNetwork(ip=str(address), host_interface=host_if)
+        network = PodNetwork(ip=str(address), host_interface=host_if, port_mappings=ports)
+        self._add_ports(network)
+        return network
 
-    def teardown(self, sandbox_id: str) -> None:
-        """Give the address back. The veth goes with the pod's network namespace."""
+    def teardown(self, sandbox_id: str, network: PodNetwork | None = None) -> None:
+        """Remove the pod's host ports, give its address back. Its veth goes with the
+        pod's network namespace. Idempotent."""
+        if network is not None:
+            self._remove_ports(network)
         self.ipam.release(sandbox_id)
 
     def reconcile(self, live: set[str]) -> None:
@@ -156,6 +244,13 @@ table ip {table} {{
             nft(f"table ip {self.config.nft_table}\ndelete table ip {self.config.nft_table}\n")
         with self._ipr_lock, contextlib.suppress(NetlinkError):
             self._ipr.link("del", index=self.bridge_index)
+
+
+_PROTOCOLS = ("tcp", "udp", "sctp")
+
+
+def _map(protocol: str, with_ip: bool) -> str:
+    return f"hostports_ip_{protocol}" if with_ip else f"hostports_{protocol}"
 
 
 def nft(ruleset: str) -> None:
