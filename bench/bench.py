@@ -4,7 +4,7 @@
     python bench/bench.py                       # spawn a private pyshim on temp dirs
     python bench/bench.py --socket /run/pyshim/pyshim.sock --daemon-pid PID
 
-Phases, for host-network pods and pods with their own network namespace:
+Phases, for host-network pods and pods on the built-in pod network:
   1. sequential lifecycles: Run -> Status -> Stop -> Remove, per-call p50/p95/p99
   2. concurrent lifecycles (--inflight at once): pods per second
   3. N pods held alive (each --alive value): ListPodSandbox latency, daemon RSS,
@@ -34,6 +34,8 @@ import grpc
 from shim._proto import api_pb2, api_pb2_grpc
 
 Stub = api_pb2_grpc.RuntimeServiceStub
+BENCH_BRIDGE = "psbench0"
+BENCH_TABLE = "pyshim_bench"
 
 
 def pod_config(host_network: bool, prefix: str, n: int) -> api_pb2.PodSandboxConfig:
@@ -226,6 +228,14 @@ def spawn_daemon(workdir: Path) -> subprocess.Popen[bytes]:
         str(workdir / "netns"),
         "--log-level",
         "warning",
+        # A network of its own, removed afterwards; node-wide forwarding left alone.
+        "--bridge-name",
+        BENCH_BRIDGE,
+        "--nft-table",
+        BENCH_TABLE,
+        "--pod-subnet",
+        "10.89.0.0/16",
+        "--no-ip-forward",
     ]
     with open(workdir / "daemon.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -300,7 +310,7 @@ def main() -> int:
     try:
         modes = {"host": [True], "netns": [False], "both": [True, False]}[opts.mode]
         for host_network in modes:
-            name = "host network" if host_network else "own network namespace"
+            name = "host network" if host_network else "pod network (bridge, veth, IP)"
             for n in range(20):  # warm-up: imports, thread pools, page cache
                 lifecycle(stub, pod_config(host_network, f"warm{secrets.token_hex(2)}", n), {})
             report["modes"][name] = {
@@ -313,6 +323,8 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+            subprocess.run(["ip", "link", "del", BENCH_BRIDGE], capture_output=True, check=False)
+            subprocess.run(["nft", "delete", "table", "ip", BENCH_TABLE], capture_output=True, check=False)
         if tmp is not None:
             tmp.cleanup()
     print(f"runtime: {report['runtime']}  cpus: {report['nproc']}")

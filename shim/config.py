@@ -55,7 +55,8 @@ class Config:
 
     @property
     def ipam_dir(self) -> Path:
-        return self.root / "ipam"
+        """Pod address allocations: runtime state, gone with a reboot like the pods."""
+        return self.run_root / "ipam"
 
     @property
     def image_dir(self) -> Path:

@@ -94,9 +94,9 @@ def test_stop_releases_the_address_and_the_veth(daemon: Daemon) -> None:
     ip = pod_ip(daemon, sandbox_id)
     veth = details(daemon, sandbox_id)["network"]["hostInterface"]
     assert veth in veth_names()
-    assert (daemon.root / "ipam" / ip).read_text() == sandbox_id
+    assert (daemon.run_root / "ipam" / ip).read_text() == sandbox_id
     stop(daemon, sandbox_id)
-    assert not (daemon.root / "ipam" / ip).exists()
+    assert not (daemon.run_root / "ipam" / ip).exists()
     assert not status(daemon, sandbox_id).status.network.ip
     deadline = time.monotonic() + 10
     while veth in veth_names() and time.monotonic() < deadline:
@@ -108,7 +108,7 @@ def test_host_network_pod_reports_the_node_address(daemon: Daemon) -> None:
     sandbox_id = run_pod(daemon, network=api_pb2.NODE)
     ip = pod_ip(daemon, sandbox_id)
     assert ip and ipaddress.ip_address(ip) not in ipaddress.ip_network(daemon.pod_subnet)
-    assert list((daemon.root / "ipam").iterdir()) == []
+    assert list((daemon.run_root / "ipam").iterdir()) == []
     files = details(daemon, sandbox_id)["files"]
     assert Path(files["hostname"]).read_text().strip() == os.uname().nodename
 
@@ -130,7 +130,7 @@ def test_many_concurrent_pods_get_distinct_addresses(daemon: Daemon) -> None:
         t.join()
     ips = [pod_ip(daemon, i) for i in ids]
     assert len(ids) == 200 and len(set(ips)) == 200
-    assert sorted(p.name for p in (daemon.root / "ipam").iterdir()) == sorted(ips)
+    assert sorted(p.name for p in (daemon.run_root / "ipam").iterdir()) == sorted(ips)
 
 
 def test_crash_between_allocation_and_reply_loses_nothing(daemon_factory: type[Daemon]) -> None:
@@ -142,7 +142,7 @@ def test_crash_between_allocation_and_reply_loses_nothing(daemon_factory: type[D
         run_pod(d)  # the daemon dies after taking an address and making a veth
     assert d.proc is not None and d.proc.wait(timeout=10) == 70
     d.start(extra_args=[])
-    assert sorted(p.name for p in (d.root / "ipam").iterdir()) == [kept_ip]
+    assert sorted(p.name for p in (d.run_root / "ipam").iterdir()) == [kept_ip]
     assert pod_ip(d, keep) == kept_ip and status(d, keep).status.state == api_pb2.SANDBOX_READY
     fresh = [run_pod(d) for _ in range(3)]
     assert len({kept_ip, *(pod_ip(d, i) for i in fresh)}) == 4
@@ -153,7 +153,7 @@ def test_failed_run_gives_its_address_back(daemon_factory: type[Daemon]) -> None
     before = pause_pids()
     with pytest.raises(grpc.RpcError):
         run_pod(d)
-    assert list((d.root / "ipam").iterdir()) == []
+    assert list((d.run_root / "ipam").iterdir()) == []
     assert pause_pids() - before == set()
 
 
@@ -194,7 +194,7 @@ def test_bad_dns_config_is_rejected(daemon: Daemon, dns: dict[str, list[str]], m
     with pytest.raises(grpc.RpcError) as err:
         run_pod(daemon, config)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (err.value.details() or "")
-    assert list((daemon.root / "ipam").iterdir()) == []
+    assert list((daemon.run_root / "ipam").iterdir()) == []
 
 
 def test_nftables_table_is_pyshims_own(daemon: Daemon) -> None:
@@ -274,7 +274,7 @@ def test_host_port_taken_twice_is_refused_and_rolled_back(daemon: Daemon) -> Non
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"{host_port}/udp" in (err.value.details() or "")
     assert pause_pids() - before == set()
-    assert len(list((daemon.root / "ipam").iterdir())) == 1
+    assert len(list((daemon.run_root / "ipam").iterdir())) == 1
 
 
 @pytest.mark.parametrize(

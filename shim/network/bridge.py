@@ -30,6 +30,7 @@ from shim.network.ipam import Ipam
 log = logging.getLogger(__name__)
 
 VETH_PREFIX = "psh"  # + 12 hex of the sandbox id: 15 characters, the kernel's limit
+POD_IFINDEX = 2  # eth0's index in the pod's namespace (lo is 1), chosen at creation
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +49,12 @@ def veth_name(sandbox_id: str) -> str:
 class BridgeNetwork:
     def __init__(self, config: BridgeConfig, state_dir: Path) -> None:
         self.config = config
-        self.gateway = next(config.subnet.hosts())
+        self.gateway: ipaddress.IPv4Address = next(config.subnet.hosts())
         self.ipam = Ipam(state_dir, config.subnet, self.gateway)
-        self._ipr = IPRoute()
-        self._ipr_lock = threading.Lock()  # one host netlink socket, one request at a time
+        self._ipr = IPRoute()  # node set-up and sweeps: rare, so the comfortable API
+        self._ipr_lock = threading.Lock()
+        self._host = netlink.open_socket()  # the per-pod hot path: raw requests
+        self._host_lock = threading.Lock()  # one request in flight: replies need no matching
         self.bridge_index = self._ensure_bridge()
         self._ensure_nftables()
 
@@ -192,25 +195,12 @@ class BridgeNetwork:
         host_if = veth_name(sandbox_id)
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with self._ipr_lock:
-                self._ipr.link(
-                    "add",
-                    ifname=host_if,
-                    kind="veth",
-                    master=self.bridge_index,
-                    state="up",
-                    peer={"ifname": "eth0", "net_ns_fd": fd},
-                )
-        except NetlinkError as exc:
-            raise Internal(f"creating veth {host_if} for sandbox {sandbox_id}: {exc}") from exc
+            with self._host_lock:
+                netlink.add_veth(self._host, host_if, self.bridge_index, "eth0", POD_IFINDEX, fd)
         finally:
             os.close(fd)
-        index = netlink.link_index(pod_netlink, "eth0")
-        netlink.add_address(
-            pod_netlink, index, ipaddress.IPv4Interface(f"{address}/{self.config.subnet.prefixlen}")
-        )
-        netlink.link_up(pod_netlink, index)
-        netlink.add_default_route(pod_netlink, index, self.gateway)
+        interface = ipaddress.IPv4Interface(f"{address}/{self.config.subnet.prefixlen}")
+        netlink.configure_interface(pod_netlink, POD_IFINDEX, interface, self.gateway)
         network = PodNetwork(ip=str(address), host_interface=host_if, port_mappings=ports)
         self._add_ports(network)
         return network
@@ -237,6 +227,7 @@ class BridgeNetwork:
 
     def close(self) -> None:
         self._ipr.close()
+        self._host.close()
 
     def remove_node_setup(self) -> None:
         """Delete the bridge and the nftables table (for tests and uninstall)."""

@@ -61,7 +61,9 @@ class Ipam:
                 candidate = ipaddress.ip_address(self._cursor)
                 self._cursor = self._first if self._cursor >= self._last else self._cursor + 1
                 if candidate != self.gateway and candidate not in self._owners:
-                    write_atomically(self.directory / str(candidate), owner.encode())
+                    # No fsync: the dir is on the run root (tmpfs). Allocations must survive a
+                    # daemon crash, which they do; after a reboot no pod is alive to own one.
+                    write_atomically(self.directory / str(candidate), owner.encode(), durable=False)
                     self._owners[candidate] = owner
                     self._by_owner[owner] = candidate
                     return candidate
