@@ -10,6 +10,8 @@ from pathlib import Path
 from shim import __version__
 from shim.config import (
     DEFAULT_BRIDGE,
+    DEFAULT_CNI_BIN_DIRS,
+    DEFAULT_CNI_CONF_DIR,
     DEFAULT_NETNS_DIR,
     DEFAULT_NFT_TABLE,
     DEFAULT_POD_SUBNET,
@@ -82,6 +84,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no SNAT for traffic leaving the pod subnet",
     )
+    serve.add_argument(
+        "--cni-conf-dir",
+        type=Path,
+        default=DEFAULT_CNI_CONF_DIR,
+        help="CNI network configurations; if one is there, CNI replaces the built-in network",
+    )
+    serve.add_argument(
+        "--cni-bin-dir",
+        type=Path,
+        action="append",
+        dest="cni_bin_dirs",
+        metavar="DIR",
+        help="where CNI plugins are looked for, repeatable; unset: "
+        + ", ".join(map(str, DEFAULT_CNI_BIN_DIRS)),
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--fail-at",
@@ -109,6 +126,8 @@ def _config(args: argparse.Namespace) -> Config:
         nft_table=args.nft_table,
         ip_forward=args.ip_forward,
         masquerade=args.masquerade,
+        cni_conf_dir=args.cni_conf_dir.absolute(),
+        cni_bin_dirs=tuple(args.cni_bin_dirs or DEFAULT_CNI_BIN_DIRS),
         fail_at=args.fail_at,
         log_level=args.log_level,
     )

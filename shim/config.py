@@ -14,6 +14,9 @@ DEFAULT_RUNTIME_HANDLER = "runc"
 DEFAULT_BRIDGE = "pyshim0"
 DEFAULT_POD_SUBNET = "10.88.0.0/16"
 DEFAULT_NFT_TABLE = "pyshim"
+DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
+# Debian installs the plugins in /usr/lib/cni; upstream's convention is /opt/cni/bin.
+DEFAULT_CNI_BIN_DIRS = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,9 @@ class Config:
     # Outbound traffic from pods needs forwarding on; tests that stay inside the node turn this off.
     ip_forward: bool = True
     masquerade: bool = True
+    # CNI mode, chosen when this dir holds a network configuration.
+    cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR
+    cni_bin_dirs: tuple[Path, ...] = DEFAULT_CNI_BIN_DIRS
     # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
     fail_at: str | None = None
     log_level: str = "info"

@@ -22,8 +22,7 @@ from pathlib import Path
 from shim import namespaces
 from shim.config import Config
 from shim.errors import AlreadyExists, InjectedFailure, Internal, NotFound, ShimError
-from shim.network import netlink, node_address
-from shim.network.bridge import BridgeNetwork
+from shim.network import NetworkBackend, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
 from shim.procs import ExitWatcher, TrackedProcess
@@ -55,7 +54,7 @@ class ListFilter:
 
 class SandboxManager:
     def __init__(
-        self, config: Config, pause_path: Path, watcher: ExitWatcher, network: BridgeNetwork
+        self, config: Config, pause_path: Path, watcher: ExitWatcher, network: NetworkBackend
     ) -> None:
         self.config = config
         self.pause_path = pause_path
@@ -143,11 +142,12 @@ class SandboxManager:
             if spawned.netlink is not None:
                 netlink.link_up(spawned.netlink)
                 # Registered first: a setup that fails midway may have taken an address.
-                rollback.add(self.network.teardown, sandbox_id)
+                net = paths["net"]
+                rollback.add(self.network.teardown, sandbox_id, None, net, spec.metadata)
                 pod_network = self.network.setup(
-                    sandbox_id, paths["net"], spawned.netlink, spec.port_mappings
+                    sandbox_id, net, spawned.netlink, spec.port_mappings, spec.metadata
                 )
-                rollback.add(self.network.teardown, sandbox_id, pod_network)
+                rollback.add(self.network.teardown, sandbox_id, pod_network, net, spec.metadata)
                 spawned.netlink.close()
             self._inject("network")
             hostname = spec.hostname or (socket.gethostname() if pod_network is None else "")
@@ -267,10 +267,13 @@ class SandboxManager:
                 f"pause of sandbox {record.id} (pid {pause.identity.pid}) did not exit after SIGKILL"
             )
         sandbox.pause = None
-        if record.network is not None:
-            self.network.teardown(record.id, record.network)  # the veth goes with the namespace
-        stopped = replace(record, state=SandboxState.NOTREADY, pause=None, network=None)
+        stopped = replace(record, state=SandboxState.NOTREADY, pause=None)
         try:
+            if record.network is not None:
+                # While the namespace is still pinned: CNI plugins clean up inside it.
+                net = record.namespaces.get("net") or ""
+                self.network.teardown(record.id, record.network, net, record.metadata)
+                stopped = replace(stopped, network=None)
             for path in record.namespaces.as_dict().values():
                 namespaces.unpin(Path(path))
         except ShimError:
@@ -395,6 +398,8 @@ class SandboxManager:
             for pid in pauses_of(sandbox_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
+            with contextlib.suppress(ShimError):
+                self.network.teardown(sandbox_id, None, str(self._pin_path(sandbox_id, "net")), None)
             for kind in namespaces.KINDS:
                 with contextlib.suppress(ShimError):
                     namespaces.unpin(self._pin_path(sandbox_id, kind))

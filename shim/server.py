@@ -30,6 +30,7 @@ from shim import __version__, cri, validate
 from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
+from shim.network import NetworkBackend, cni
 from shim.network.bridge import BridgeConfig, BridgeNetwork
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, become_subreaper
@@ -145,9 +146,10 @@ class RuntimeService:
 
     @rpc
     def Status(self, request: api_pb2.StatusRequest, context: grpc.ServicerContext) -> api_pb2.StatusResponse:
+        ready, reason, message = self.sandboxes.network.status()
         conditions = [
             api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
-            api_pb2.RuntimeCondition(type="NetworkReady", status=True),
+            api_pb2.RuntimeCondition(type="NetworkReady", status=ready, reason=reason, message=message),
         ]
         response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
         if request.verbose:
@@ -162,14 +164,7 @@ class RuntimeService:
             "root": str(c.root),
             "runRoot": str(c.run_root),
             "netnsDir": str(c.netns_dir),
-            "network": {
-                "kind": "bridge",
-                "bridge": c.bridge_name,
-                "podSubnet": c.pod_subnet,
-                "gateway": str(self.sandboxes.network.gateway),
-                "nftTable": c.nft_table,
-                "addressesInUse": len(self.sandboxes.network.ipam.allocated()),
-            },
+            "network": self.sandboxes.network.describe(),
             "pause": str(self.sandboxes.pause_path),
             "runtimeHandlers": list(c.runtime_handlers),
             "cgroupDriver": "cgroupfs",
@@ -300,6 +295,22 @@ def prepare_socket(path: Path) -> None:
     raise FailedPrecondition(f"another daemon is serving on {path}")
 
 
+def open_network(config: Config) -> NetworkBackend:
+    """CNI when its config dir holds a network configuration, else the built-in bridge."""
+    if cni.config_files(config.cni_conf_dir):
+        return cni.CniNetwork(config.cni_conf_dir, config.cni_bin_dirs)
+    return BridgeNetwork(
+        BridgeConfig(
+            name=config.bridge_name,
+            subnet=ipaddress.IPv4Network(config.pod_subnet),
+            nft_table=config.nft_table,
+            ip_forward=config.ip_forward,
+            masquerade=config.masquerade,
+        ),
+        config.ipam_dir,
+    )
+
+
 class Daemon:
     """Builds and owns everything one pyshim process runs."""
 
@@ -308,16 +319,7 @@ class Daemon:
         # First: a daemon that may not serve here must not touch the node (bridge, tables).
         prepare_socket(config.socket)
         self.watcher = ExitWatcher()
-        self.network = BridgeNetwork(
-            BridgeConfig(
-                name=config.bridge_name,
-                subnet=ipaddress.IPv4Network(config.pod_subnet),
-                nft_table=config.nft_table,
-                ip_forward=config.ip_forward,
-                masquerade=config.masquerade,
-            ),
-            config.ipam_dir,
-        )
+        self.network = open_network(config)
         self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher, self.network)
         self.server: grpc.Server | None = None
 

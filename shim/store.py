@@ -162,6 +162,7 @@ def _network_json(network: PodNetwork) -> dict[str, Any]:
         "ip": network.ip,
         "additional_ips": list(network.additional_ips),
         "host_interface": network.host_interface,
+        "cni_result": network.cni_result,
         "port_mappings": [
             {
                 "protocol": m.protocol,
@@ -179,6 +180,7 @@ def _network_from_json(data: dict[str, Any]) -> PodNetwork:
         ip=data["ip"],
         additional_ips=tuple(data["additional_ips"]),
         host_interface=data["host_interface"],
+        cni_result=data.get("cni_result", ""),
         port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
     )
 

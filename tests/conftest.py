@@ -153,6 +153,9 @@ class Daemon:
             "--nft-table",
             self.nft_table,
             "--no-ip-forward",
+            # No CNI unless a test asks for it: the node's /etc/cni/net.d never applies.
+            "--cni-conf-dir",
+            str(self.base / "cni-none"),
             *self.extra_args,
         ]
 

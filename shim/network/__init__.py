@@ -9,6 +9,10 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shim.store import Metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,39 @@ class PodNetwork:
     additional_ips: tuple[str, ...] = ()
     host_interface: str = ""
     port_mappings: tuple[PortMapping, ...] = field(default_factory=tuple)
+    # CNI mode: the final ADD result (JSON), handed back to the plugins on DEL.
+    cni_result: str = ""
+
+
+class NetworkBackend(Protocol):
+    """What the sandbox lifecycle needs from a pod network (built-in bridge or CNI)."""
+
+    def status(self) -> tuple[bool, str, str]:
+        """(ready, reason, message) for the NetworkReady condition."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def setup(
+        self,
+        sandbox_id: str,
+        netns_path: str,
+        pod_netlink: socket.socket,
+        ports: tuple[PortMapping, ...],
+        metadata: Metadata,
+    ) -> PodNetwork: ...
+
+    def teardown(
+        self, sandbox_id: str, pod: PodNetwork | None, netns_path: str, metadata: Metadata | None
+    ) -> None:
+        """Idempotent; also after a failed or half-made setup (pod None)."""
+        ...
+
+    def reconcile(self, live: set[str]) -> None: ...
+
+    def sync_ports(self, live: list[PodNetwork]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @cache

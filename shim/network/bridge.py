@@ -19,6 +19,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,6 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shim.errors import FailedPrecondition, Internal
 from shim.network import PodNetwork, PortMapping, netlink
 from shim.network.ipam import Ipam
+from shim.store import Metadata
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +188,26 @@ class BridgeNetwork:
 
     # ---- per pod ------------------------------------------------------------------------
 
+    def status(self) -> tuple[bool, str, str]:
+        return True, "", ""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "bridge",
+            "bridge": self.config.name,
+            "podSubnet": str(self.config.subnet),
+            "gateway": str(self.gateway),
+            "nftTable": self.config.nft_table,
+            "addressesInUse": len(self.ipam.allocated()),
+        }
+
     def setup(
-        self, sandbox_id: str, netns_path: str, pod_netlink: socket.socket, ports: tuple[PortMapping, ...]
+        self,
+        sandbox_id: str,
+        netns_path: str,
+        pod_netlink: socket.socket,
+        ports: tuple[PortMapping, ...],
+        metadata: Metadata,
     ) -> PodNetwork:
         """Address, veth, route. Raises after undoing its own part (the IP is kept
         allocated until teardown, which the caller always runs on failure)."""
@@ -205,11 +225,13 @@ class BridgeNetwork:
         self._add_ports(network)
         return network
 
-    def teardown(self, sandbox_id: str, network: PodNetwork | None = None) -> None:
+    def teardown(
+        self, sandbox_id: str, pod: PodNetwork | None, netns_path: str, metadata: Metadata | None
+    ) -> None:
         """Remove the pod's host ports, give its address back. Its veth goes with the
         pod's network namespace. Idempotent."""
-        if network is not None:
-            self._remove_ports(network)
+        if pod is not None:
+            self._remove_ports(pod)
         self.ipam.release(sandbox_id)
 
     def reconcile(self, live: set[str]) -> None:
