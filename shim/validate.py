@@ -18,7 +18,7 @@ from shim.network.files import DnsConfig
 from shim.store import Metadata, NamespaceMode, NamespaceModes
 
 MAX_NAME = 253  # a DNS-1123 subdomain, like a pod name
-MAX_NAMESPACE = 63  # a DNS-1123 label, like a Kubernetes namespace
+MAX_NAMESPACE = 253
 MAX_UID = 128
 MAX_HOSTNAME = 63
 MAX_LOG_DIRECTORY = 4096
@@ -37,8 +37,10 @@ _DNS_WORD = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 # The config is kept whole in the record (verbose status): bound what one pod may store.
 MAX_CONFIG_BYTES = 2 * 1024 * 1024
 
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Letters, digits, '.', '-': what Kubernetes names use, plus the capitals critest
+# sends. No '_': it separates the parts of the reservation name, which must not be
+# ambiguous. No '/', no space, no control character.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
 _ID_PREFIX = re.compile(r"^[0-9a-f]{1,64}$")
@@ -138,14 +140,13 @@ def _metadata(config: api_pb2.PodSandboxConfig) -> Metadata:
     for field_name, value in (("name", md.name), ("namespace", md.namespace), ("uid", md.uid)):
         _check(bool(value), f"config.metadata.{field_name} is required")
     _check(
-        len(md.name) <= MAX_NAME and bool(_SUBDOMAIN.match(md.name)),
-        f"config.metadata.name {md.name[:80]!r} must be a DNS-1123 subdomain (lowercase letters, "
-        f"digits, '-', '.'; at most {MAX_NAME})",
+        len(md.name) <= MAX_NAME and bool(_NAME.match(md.name)),
+        f"config.metadata.name {md.name[:80]!r} must be letters, digits, '-', '.' (at most {MAX_NAME})",
     )
     _check(
-        len(md.namespace) <= MAX_NAMESPACE and bool(_LABEL.match(md.namespace)),
-        f"config.metadata.namespace {md.namespace[:80]!r} must be a DNS-1123 label (lowercase "
-        f"letters, digits, '-'; at most {MAX_NAMESPACE})",
+        len(md.namespace) <= MAX_NAMESPACE and bool(_NAME.match(md.namespace)),
+        f"config.metadata.namespace {md.namespace[:80]!r} must be letters, digits, '-', '.' "
+        f"(at most {MAX_NAMESPACE})",
     )
     _check(
         len(md.uid) <= MAX_UID and bool(_UID.match(md.uid)),

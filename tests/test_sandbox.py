@@ -305,3 +305,8 @@ def test_pauses_hold_no_stray_file_descriptors(daemon: Daemon) -> None:
     for sandbox_id in ids:
         pid = sandbox_pid(daemon, sandbox_id)
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
+
+
+def test_names_as_critest_sends_them_are_accepted(daemon: Daemon) -> None:
+    sandbox_id = run_pod(daemon, name="PodSandbox-for-creating-performance-test-4e3ade6e", namespace="Bench-ns")
+    assert status(daemon, sandbox_id).status.metadata.name == "PodSandbox-for-creating-performance-test-4e3ade6e"
