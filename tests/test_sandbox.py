@@ -308,5 +308,6 @@ def test_pauses_hold_no_stray_file_descriptors(daemon: Daemon) -> None:
 
 
 def test_names_as_critest_sends_them_are_accepted(daemon: Daemon) -> None:
-    sandbox_id = run_pod(daemon, name="PodSandbox-for-creating-performance-test-4e3ade6e", namespace="Bench-ns")
-    assert status(daemon, sandbox_id).status.metadata.name == "PodSandbox-for-creating-performance-test-4e3ade6e"
+    name = "PodSandbox-for-creating-performance-test-4e3ade6e"
+    sandbox_id = run_pod(daemon, name=name, namespace="Bench-ns")
+    assert status(daemon, sandbox_id).status.metadata.name == name
