@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where CNI plugins are looked for, repeatable; unset: "
         + ", ".join(map(str, DEFAULT_CNI_BIN_DIRS)),
     )
+    serve.add_argument(
+        "--insecure-registry",
+        action="append",
+        dest="insecure_registries",
+        metavar="HOST[:PORT]",
+        help="a registry to reach over plain HTTP, repeatable (loopback registries always are)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--fail-at",
@@ -128,6 +135,7 @@ def _config(args: argparse.Namespace) -> Config:
         masquerade=args.masquerade,
         cni_conf_dir=args.cni_conf_dir.absolute(),
         cni_bin_dirs=tuple(args.cni_bin_dirs or DEFAULT_CNI_BIN_DIRS),
+        insecure_registries=tuple(args.insecure_registries or ()),
         fail_at=args.fail_at,
         log_level=args.log_level,
     )

@@ -44,6 +44,8 @@ class Config:
     # CNI mode, chosen when this dir holds a network configuration.
     cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR
     cni_bin_dirs: tuple[Path, ...] = DEFAULT_CNI_BIN_DIRS
+    # Registries reached over plain HTTP (loopback ones always are).
+    insecure_registries: tuple[str, ...] = ()
     # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
     fail_at: str | None = None
     log_level: str = "info"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -13,6 +14,9 @@ from weakref import WeakKeyDictionary
 from google.protobuf import json_format
 
 from shim._proto import api_pb2
+from shim.errors import InvalidArgument
+from shim.images.registry import Credentials
+from shim.images.store import ImageRecord
 from shim.network import node_address
 from shim.store import NamespaceMode, SandboxRecord, SandboxState
 
@@ -116,6 +120,38 @@ def verbose_info(record: SandboxRecord) -> dict[str, str]:
         "config": json_format.MessageToDict(config),
     }
     return {"info": json.dumps(info, sort_keys=True)}
+
+
+def image(record: ImageRecord) -> api_pb2.Image:
+    message = api_pb2.Image(
+        id=record.id,
+        repo_tags=record.repo_tags,
+        repo_digests=record.repo_digests,
+        size=record.size,
+        spec=api_pb2.ImageSpec(image=record.id),
+    )
+    # The image's user: a numeric uid, or a name (only one of the two is set).
+    user = record.config.user.split(":", 1)[0]
+    if user.isdigit():
+        message.uid.value = int(user)
+    elif user:
+        message.username = user
+    return message
+
+
+def credentials(auth: api_pb2.AuthConfig) -> Credentials:
+    username, password = auth.username, auth.password
+    if auth.auth and not username:
+        try:
+            username, _, password = base64.b64decode(auth.auth).decode().partition(":")
+        except ValueError:
+            raise InvalidArgument("auth.auth is not base64 of user:password") from None
+    return Credentials(
+        username=username,
+        password=password,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
+    )
 
 
 def filesystem_usage(path: Path) -> api_pb2.FilesystemUsage:

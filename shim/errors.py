@@ -41,6 +41,16 @@ class Unimplemented(ShimError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(ShimError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DataLoss(ShimError):
+    """Content did not match its digest."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Internal(ShimError):
     """A kernel or system operation failed; the message says which and why."""
 

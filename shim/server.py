@@ -30,6 +30,8 @@ from shim import __version__, cri, validate
 from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
+from shim.images import Images
+from shim.images.store import ImageStore
 from shim.network import NetworkBackend, cni
 from shim.network.bridge import BridgeConfig, BridgeNetwork
 from shim.pause import find_pause
@@ -246,9 +248,48 @@ class RuntimeService:
 
 
 class ImageService:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, images: Images) -> None:
         self.config = config
-        config.image_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.images = images
+
+    @rpc
+    def PullImage(
+        self, request: api_pb2.PullImageRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PullImageResponse:
+        record = self.images.pull(request.image.image, cri.credentials(request.auth))
+        return api_pb2.PullImageResponse(image_ref=record.id)
+
+    @rpc
+    def ListImages(
+        self, request: api_pb2.ListImagesRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListImagesResponse:
+        wanted = request.filter.image.image
+        if wanted:
+            found = self.images.find(wanted)
+            records = [found] if found else []
+        else:
+            records = self.images.store.images()
+        return api_pb2.ListImagesResponse(images=[cri.image(r) for r in records])
+
+    @rpc
+    def ImageStatus(
+        self, request: api_pb2.ImageStatusRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ImageStatusResponse:
+        # An image that is not there is an empty answer, not an error: kubelet pulls then.
+        record = self.images.find(request.image.image)
+        if record is None:
+            return api_pb2.ImageStatusResponse()
+        response = api_pb2.ImageStatusResponse(image=cri.image(record))
+        if request.verbose:
+            response.info.update(self.images.verbose_info(record))
+        return response
+
+    @rpc
+    def RemoveImage(
+        self, request: api_pb2.RemoveImageRequest, context: grpc.ServicerContext
+    ) -> api_pb2.RemoveImageResponse:
+        self.images.remove(request.image.image)
+        return api_pb2.RemoveImageResponse()
 
     @rpc
     def ImageFsInfo(
@@ -320,6 +361,7 @@ class Daemon:
         prepare_socket(config.socket)
         self.watcher = ExitWatcher()
         self.network = open_network(config)
+        self.images = Images(ImageStore(config.image_dir), config.insecure_registries)
         self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher, self.network)
         self.server: grpc.Server | None = None
 
@@ -337,7 +379,7 @@ class Daemon:
         server.add_generic_rpc_handlers(
             (
                 _generic_handler(RuntimeService(self.config, self.sandboxes), "RuntimeService"),
-                _generic_handler(ImageService(self.config), "ImageService"),
+                _generic_handler(ImageService(self.config, self.images), "ImageService"),
             )
         )
         server.add_insecure_port(f"unix:{self.config.socket}")

@@ -1,0 +1,152 @@
+"""Images: pull from registries into the content store, find, list, remove.
+
+PullImage resolves a reference to a manifest (an index or list resolves to this
+node's platform), fetches the config and layers into the store (verified; a
+blob already there is not fetched again; concurrent pulls of one blob share one
+download), and records the image under its config digest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from shim.images.reference import DIGEST, Reference, parse
+from shim.images.registry import (
+    DOCKER_MANIFEST,
+    LISTS,
+    OCI_MANIFEST,
+    Credentials,
+    RegistryClient,
+    choose_platform,
+    client_for,
+)
+from shim.images.store import ImageConfig, ImageRecord, ImageStore
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG = 16 * 1024 * 1024
+MAX_LAYER = 64 * 1024 * 1024 * 1024
+MAX_LAYERS = 256
+
+
+class Images:
+    def __init__(self, store: ImageStore, insecure_hosts: tuple[str, ...] = ()) -> None:
+        self.store = store
+        self.insecure_hosts = insecure_hosts
+        self._blob_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    # ---- pull --------------------------------------------------------------------------
+
+    def pull(self, text: str, credentials: Credentials) -> ImageRecord:
+        ref = parse(text)
+        client = client_for(ref, credentials, self.insecure_hosts)
+        body, media_type, top_digest = client.manifest(ref.digest or ref.tag)
+        if media_type in LISTS:
+            chosen = choose_platform(_json(body, "image index"))
+            body, media_type, manifest_digest = client.manifest(chosen)
+        else:
+            manifest_digest = top_digest
+        if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+            raise FailedPrecondition(f"{ref}: manifest type {media_type!r} is not supported (schema 1?)")
+        manifest = _json(body, "manifest")
+        config_desc, layer_descs = manifest.get("config") or {}, manifest.get("layers") or []
+        if len(layer_descs) > MAX_LAYERS:
+            raise FailedPrecondition(f"{ref}: {len(layer_descs)} layers, the limit is {MAX_LAYERS}")
+        config_digest = self._fetch(client, config_desc, MAX_CONFIG)
+        layers = tuple(self._fetch(client, d, MAX_LAYER) for d in layer_descs)
+        if not self.store.has_blob(manifest_digest):
+            self.store.put_blob(manifest_digest, body)
+        config = _json(self.store.read_blob(config_digest), "image config")
+        record = ImageRecord(
+            id=config_digest,
+            manifest_digest=manifest_digest,
+            layers=layers,
+            size=int(config_desc.get("size", 0)) + sum(int(d.get("size", 0)) for d in layer_descs),
+            repo_tags=(str(ref),) if ref.tag else (),
+            repo_digests=(f"{ref.name}@{top_digest}",),
+            config=ImageConfig.from_config(config),
+        )
+        record = self.store.commit(record)
+        log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(layers))
+        return record
+
+    def _fetch(self, client: RegistryClient, descriptor: dict[str, Any], limit: int) -> str:
+        digest = str(descriptor.get("digest", ""))
+        if not DIGEST.match(digest):
+            raise FailedPrecondition(f"unsupported or malformed digest {digest[:80]!r}")
+        size = int(descriptor.get("size", limit))
+        if size > limit:
+            raise FailedPrecondition(f"blob {digest} is {size} bytes, the limit is {limit}")
+        with self._blob_lock(digest):  # a second pull of this blob waits, then finds it
+            if not self.store.has_blob(digest):
+                with self.store.new_blob(digest) as sink:
+                    client.blob_to(digest, sink, size)
+        return digest
+
+    def _blob_lock(self, digest: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._blob_locks.setdefault(digest, threading.Lock())
+
+    # ---- lookup ------------------------------------------------------------------------
+
+    def find(self, text: str) -> ImageRecord | None:
+        """By id (sha256:<hex>, bare hex, or a unique prefix of either), or by reference."""
+        if not text:
+            raise InvalidArgument("image is required")
+        hex_part = text.removeprefix("sha256:")
+        if len(hex_part) >= 12 and all(c in "0123456789abcdef" for c in hex_part):
+            matches = [r for r in self.store.images() if r.id.removeprefix("sha256:").startswith(hex_part)]
+            if len(matches) == 1:
+                return matches[0]
+        ref: Reference = parse(text)
+        wanted = str(ref)
+        for record in self.store.images():
+            if wanted in record.repo_tags or wanted in record.repo_digests:
+                return record
+        return None
+
+    def get(self, text: str) -> ImageRecord:
+        record = self.find(text)
+        if record is None:
+            raise NotFound(f"image {text!r} not found")
+        return record
+
+    def remove(self, text: str) -> None:
+        """Idempotent. A tag of an image with other names only loses that tag."""
+        record = self.find(text)
+        if record is None:
+            return
+        tag = str(parse(text)) if not _looks_like_id(text) else ""
+        if tag in record.repo_tags and (len(record.repo_tags) > 1):
+            self.store.untag(record.id, tag)
+            log.info("event=image_untagged image=%s tag=%s", record.id, tag)
+            return
+        self.store.delete(record.id)
+        log.info("event=image_removed image=%s", record.id)
+
+    def verbose_info(self, record: ImageRecord) -> dict[str, str]:
+        info = {
+            "manifest": _json(self.store.read_blob(record.manifest_digest), "manifest"),
+            "config": _json(self.store.read_blob(record.id), "image config"),
+        }
+        return {"info": json.dumps(info, sort_keys=True)}
+
+
+def _looks_like_id(text: str) -> bool:
+    hex_part = text.removeprefix("sha256:")
+    return len(hex_part) >= 12 and all(c in "0123456789abcdef" for c in hex_part)
+
+
+def _json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise FailedPrecondition(f"the {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise FailedPrecondition(f"the {what} is not a JSON object")
+    return value

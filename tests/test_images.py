@@ -1,0 +1,182 @@
+"""The CRI ImageService against a real registry (Debian's docker-registry on
+127.0.0.1, storage in the test's temp dir), with images built and pushed here."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import Daemon
+from imagetools import Registry, free_port, layer_tar, oci_layout, push, pushed_digest, start_registry
+
+from shim._proto import api_pb2
+
+pytestmark = pytest.mark.root
+
+# bcrypt of "s3cret-pw", made once for these tests.
+HTPASSWD = "tester:$2b$12$ZcRr/DeQ2L668PAeoZyv1emAKTtv48cD0CGYYaWFHoB64E1wb9sT6\n"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = start_registry(tmp_path / "registry")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def image(tmp_path: Path, registry: Registry) -> dict[str, str]:
+    layout = tmp_path / "layout"
+    digests = oci_layout(
+        layout,
+        "1.0",
+        [layer_tar({"bin/": None, "bin/hello": b"#!/bin/sh\necho hi\n"}), layer_tar({"etc/motd": b"hi\n"})],
+    )
+    push(layout, "1.0", registry, "library/test")
+    digests["manifest"] = pushed_digest(registry, "library/test", "1.0")
+    return {**digests, "ref": f"{registry.host}/library/test:1.0"}
+
+
+def pull(daemon: Daemon, ref: str, auth: api_pb2.AuthConfig | None = None) -> str:
+    request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth)
+    return str(daemon.images.PullImage(request, timeout=60).image_ref)
+
+
+def image_status(daemon: Daemon, ref: str, verbose: bool = False) -> api_pb2.ImageStatusResponse:
+    request = api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref), verbose=verbose)
+    return daemon.images.ImageStatus(request, timeout=10)
+
+
+def listed(daemon: Daemon) -> list[api_pb2.Image]:
+    return list(daemon.images.ListImages(api_pb2.ListImagesRequest(), timeout=10).images)
+
+
+def blobs(daemon: Daemon) -> set[str]:
+    return {p.name for p in (daemon.root / "images" / "blobs" / "sha256").iterdir()}
+
+
+def test_pull_by_tag_list_status_remove(daemon: Daemon, image: dict[str, str]) -> None:
+    image_id = pull(daemon, image["ref"])
+    assert image_id == image["config"]
+    (item,) = listed(daemon)
+    assert list(item.repo_tags) == [image["ref"]]
+    assert list(item.repo_digests) == [image["ref"].rsplit(":", 1)[0] + "@" + image["manifest"]]
+    assert item.size > 0 and item.uid.value == 1000
+    status = image_status(daemon, image["ref"], verbose=True)
+    assert status.image.id == image_id
+    info = json.loads(status.info["info"])
+    assert info["config"]["config"]["Cmd"] == ["/bin/sh"] and len(info["manifest"]["layers"]) == 2
+    assert image_status(daemon, image_id).image.id == image_id  # by id too
+    assert image_status(daemon, image_id.removeprefix("sha256:")[:12]).image.id == image_id
+    assert len(blobs(daemon)) == 4  # manifest, config, two layers
+    fs = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems[0]
+    assert fs.used_bytes.value > 0
+    # Pulling again changes nothing and downloads nothing.
+    assert pull(daemon, image["ref"]) == image_id and len(listed(daemon)) == 1
+    daemon.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image_id)), timeout=10)
+    assert listed(daemon) == [] and blobs(daemon) == set()
+    assert not image_status(daemon, image["ref"]).HasField("image")
+    daemon.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image_id)), timeout=10)
+
+
+def test_pull_by_digest_and_survives_restart(daemon: Daemon, image: dict[str, str]) -> None:
+    by_digest = image["ref"].rsplit(":", 1)[0] + "@" + image["manifest"]
+    assert pull(daemon, by_digest) == image["config"]
+    daemon.restart()
+    assert image_status(daemon, by_digest).image.id == image["config"]
+
+
+def test_manifest_list_resolves_to_this_platform(daemon: Daemon, registry: Registry, tmp_path: Path) -> None:
+    layout = tmp_path / "multi"
+    digests = oci_layout(layout, "multi", [layer_tar({"a": b"a"})], arches=("arm64", "amd64"))
+    push(layout, "multi", registry, "team/multi")
+    ref = f"{registry.host}/team/multi:multi"
+    assert pull(daemon, ref) == digests["config"]
+    (item,) = listed(daemon)
+    index = pushed_digest(registry, "team/multi", "multi")
+    assert list(item.repo_digests) == [f"{registry.host}/team/multi@{index}"]
+
+
+def test_pull_errors_are_clear_and_leave_nothing(
+    daemon: Daemon, registry: Registry, image: dict[str, str]
+) -> None:
+    cases = [
+        (f"{registry.host}/library/nope:1", grpc.StatusCode.NOT_FOUND),
+        (f"127.0.0.1:{free_port()}/library/test:1.0", grpc.StatusCode.UNAVAILABLE),
+        ("Bad Ref!", grpc.StatusCode.INVALID_ARGUMENT),
+        (f"{registry.host}/library/test@sha256:{'0' * 64}", grpc.StatusCode.NOT_FOUND),
+    ]
+    for ref, code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            pull(daemon, ref)
+        assert err.value.code() == code, (ref, err.value.details())
+    assert listed(daemon) == [] and blobs(daemon) == set()
+
+
+def test_corrupted_blob_is_rejected(daemon: Daemon, registry: Registry, image: dict[str, str]) -> None:
+    storage = Path(str(registry.log.parent)) / "storage"
+    # The pushed layers (gzip, as skopeo sends them): flip one byte of each, same size.
+    layer_files = [p for p in storage.rglob("data") if p.read_bytes()[:2] == b"\x1f\x8b"]
+    assert layer_files
+    for path in layer_files:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(grpc.RpcError) as err:
+        pull(daemon, image["ref"])
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "does not match its digest" in (err.value.details() or "")
+    assert listed(daemon) == []
+    assert list((daemon.root / "images" / "tmp").iterdir()) == []
+
+
+def test_concurrent_pulls_share_the_work(daemon: Daemon, image: dict[str, str]) -> None:
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(pull(daemon, image["ref"]))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [image["config"]] * 6
+    assert len(listed(daemon)) == 1 and len(blobs(daemon)) == 4
+
+
+def test_registry_with_password(daemon: Daemon, tmp_path: Path) -> None:
+    (tmp_path / "htpasswd").write_text(HTPASSWD)
+    reg = start_registry(
+        tmp_path / "authreg", f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp_path / 'htpasswd'}\n"
+    )
+    try:
+        layout = tmp_path / "private"
+        digests = oci_layout(layout, "v1", [layer_tar({"secret": b"x"})])
+        push(layout, "v1", reg, "private/app", creds="tester:s3cret-pw")
+        ref = f"{reg.host}/private/app:v1"
+        with pytest.raises(grpc.RpcError) as err:
+            pull(daemon, ref)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            pull(daemon, ref, api_pb2.AuthConfig(username="tester", password="wrong"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            pull(daemon, ref, api_pb2.AuthConfig(username="tester", password="s3cret-pw"))
+            == digests["config"]
+        )
+    finally:
+        reg.stop()
+
+
+def test_tags_move_and_untag(daemon: Daemon, registry: Registry, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    a = oci_layout(first, "v", [layer_tar({"a": b"1"})])
+    b = oci_layout(second, "v", [layer_tar({"a": b"2"})])
+    push(first, "v", registry, "library/moving")
+    ref = f"{registry.host}/library/moving:v"
+    pull(daemon, ref)
+    push(second, "v", registry, "library/moving")
+    pull(daemon, ref)
+    by_id = {i.id: list(i.repo_tags) for i in listed(daemon)}
+    assert by_id == {a["config"]: [], b["config"]: [ref]}
