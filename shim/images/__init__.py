@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from shim.images.layers import LayerStore
 from shim.images.reference import DIGEST, Reference, parse
 from shim.images.registry import (
     DOCKER_MANIFEST,
@@ -34,8 +35,11 @@ MAX_LAYERS = 256
 
 
 class Images:
-    def __init__(self, store: ImageStore, insecure_hosts: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, store: ImageStore, layers: LayerStore | None = None, insecure_hosts: tuple[str, ...] = ()
+    ) -> None:
         self.store = store
+        self.layers = layers
         self.insecure_hosts = insecure_hosts
         self._blob_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -127,6 +131,8 @@ class Images:
             log.info("event=image_untagged image=%s tag=%s", record.id, tag)
             return
         self.store.delete(record.id)
+        if self.layers is not None:
+            self.layers.remove_unused({d for r in self.store.images() for d in r.layers})
         log.info("event=image_removed image=%s", record.id)
 
     def verbose_info(self, record: ImageRecord) -> dict[str, str]:
