@@ -15,6 +15,7 @@ from shim.config import (
     DEFAULT_NETNS_DIR,
     DEFAULT_NFT_TABLE,
     DEFAULT_POD_SUBNET,
+    DEFAULT_REGISTRY_CONFIG_DIR,
     DEFAULT_ROOT,
     DEFAULT_RUN_ROOT,
     DEFAULT_RUNTIME_HANDLER,
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="a registry to reach over plain HTTP, repeatable (loopback registries always are)",
     )
+    serve.add_argument(
+        "--registry-config-dir",
+        type=Path,
+        default=DEFAULT_REGISTRY_CONFIG_DIR,
+        help="per-registry mirrors, TLS and credentials: DIR/<host>/hosts.toml, as containerd's certs.d",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--fail-at",
@@ -136,6 +143,7 @@ def _config(args: argparse.Namespace) -> Config:
         cni_conf_dir=args.cni_conf_dir.absolute(),
         cni_bin_dirs=tuple(args.cni_bin_dirs or DEFAULT_CNI_BIN_DIRS),
         insecure_registries=tuple(args.insecure_registries or ()),
+        registry_config_dir=args.registry_config_dir.absolute(),
         fail_at=args.fail_at,
         log_level=args.log_level,
     )

@@ -15,6 +15,7 @@ DEFAULT_BRIDGE = "pyshim0"
 DEFAULT_POD_SUBNET = "10.88.0.0/16"
 DEFAULT_NFT_TABLE = "pyshim"
 DEFAULT_CNI_CONF_DIR = Path("/etc/cni/net.d")
+DEFAULT_REGISTRY_CONFIG_DIR = Path("/etc/pyshim/certs.d")
 # Debian installs the plugins in /usr/lib/cni; upstream's convention is /opt/cni/bin.
 DEFAULT_CNI_BIN_DIRS = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
 
@@ -46,6 +47,8 @@ class Config:
     cni_bin_dirs: tuple[Path, ...] = DEFAULT_CNI_BIN_DIRS
     # Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: tuple[str, ...] = ()
+    # containerd-style <dir>/<registry host>/hosts.toml: mirrors, TLS, credentials.
+    registry_config_dir: Path = DEFAULT_REGISTRY_CONFIG_DIR
     # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
     fail_at: str | None = None
     log_level: str = "info"

@@ -31,6 +31,7 @@ from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
 from shim.images import Images
+from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
 from shim.images.store import ImageStore
 from shim.network import NetworkBackend, cni
@@ -364,7 +365,12 @@ class Daemon:
         self.network = open_network(config)
         image_store = ImageStore(config.image_dir)
         self.layers = LayerStore(image_store, config.image_dir / "layers", config.root / "rootfs")
-        self.images = Images(image_store, self.layers, config.insecure_registries)
+        self.images = Images(
+            image_store,
+            self.layers,
+            config.insecure_registries,
+            registry_hosts.load(config.registry_config_dir),
+        )
         self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher, self.network)
         self.server: grpc.Server | None = None
 

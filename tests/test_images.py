@@ -180,3 +180,22 @@ def test_tags_move_and_untag(daemon: Daemon, registry: Registry, tmp_path: Path)
     pull(daemon, ref)
     by_id = {i.id: list(i.repo_tags) for i in listed(daemon)}
     assert by_id == {a["config"]: [], b["config"]: [ref]}
+
+
+def test_pull_through_a_mirror_keeps_the_original_name(
+    daemon_factory: type[Daemon], registry: Registry, image: dict[str, str], tmp_path: Path
+) -> None:
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    host_dir = d.base / "certs.d" / "registry.example.internal"
+    host_dir.mkdir(parents=True)
+    # A dead mirror first, the live one second; never the upstream (it does not exist).
+    (host_dir / "hosts.toml").write_text(
+        f'skip_upstream = true\n[host."http://127.0.0.1:{free_port()}"]\n[host."http://{registry.host}"]\n'
+    )
+    d.start()
+    ref = "registry.example.internal/library/test:1.0"
+    assert pull(d, ref) == image["config"]
+    (item,) = listed(d)
+    assert list(item.repo_tags) == [ref]
+    assert image_status(d, ref).image.id == image["config"]
+    assert "mirror_skipped" in d.log.read_text()

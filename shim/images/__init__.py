@@ -13,7 +13,9 @@ import logging
 import threading
 from typing import Any
 
-from shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError, Unauthenticated, Unavailable
+from shim.images import hosts as hosts_config
+from shim.images.hosts import HostConfig
 from shim.images.layers import LayerStore
 from shim.images.reference import DIGEST, Reference, parse
 from shim.images.registry import (
@@ -23,7 +25,6 @@ from shim.images.registry import (
     Credentials,
     RegistryClient,
     choose_platform,
-    client_for,
 )
 from shim.images.store import ImageConfig, ImageRecord, ImageStore
 
@@ -36,10 +37,15 @@ MAX_LAYERS = 256
 
 class Images:
     def __init__(
-        self, store: ImageStore, layers: LayerStore | None = None, insecure_hosts: tuple[str, ...] = ()
+        self,
+        store: ImageStore,
+        layers: LayerStore | None = None,
+        insecure_hosts: tuple[str, ...] = (),
+        hosts: dict[str, HostConfig] | None = None,
     ) -> None:
         self.store = store
         self.layers = layers
+        self.hosts = hosts or {}
         self.insecure_hosts = insecure_hosts
         self._blob_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -48,8 +54,7 @@ class Images:
 
     def pull(self, text: str, credentials: Credentials) -> ImageRecord:
         ref = parse(text)
-        client = client_for(ref, credentials, self.insecure_hosts)
-        body, media_type, top_digest = client.manifest(ref.digest or ref.tag)
+        client, (body, media_type, top_digest) = self._resolve(ref, credentials)
         if media_type in LISTS:
             chosen = choose_platform(_json(body, "image index"))
             body, media_type, manifest_digest = client.manifest(chosen)
@@ -78,6 +83,25 @@ class Images:
         record = self.store.commit(record)
         log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(layers))
         return record
+
+    def _resolve(
+        self, ref: Reference, credentials: Credentials
+    ) -> tuple[RegistryClient, tuple[bytes, str, str]]:
+        """The first endpoint (mirrors, then upstream) that serves the manifest."""
+        errors: list[ShimError] = []
+        for endpoint in hosts_config.endpoints(ref, self.hosts, self.insecure_hosts):
+            creds = credentials if credentials != Credentials() else (endpoint.credentials or credentials)
+            client = RegistryClient(endpoint.url, ref.repository, creds, endpoint.ssl_context())
+            try:
+                return client, client.manifest(ref.digest or ref.tag)
+            except (NotFound, Unavailable, Unauthenticated) as exc:
+                if endpoint.mirror:
+                    log.info("event=mirror_skipped mirror=%s ref=%s reason=%r", endpoint.url, ref, str(exc))
+                errors.append(exc)
+        if not errors:
+            raise FailedPrecondition(f"no endpoint to pull {ref} from (skip_upstream and no mirror)")
+        # The upstream's answer (the last) says the most; else the first mirror's.
+        raise errors[-1]
 
     def _fetch(self, client: RegistryClient, descriptor: dict[str, Any], limit: int) -> str:
         digest = str(descriptor.get("digest", ""))

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from shim.errors import DataLoss, NotFound, Unauthenticated, Unavailable
-from shim.images.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,16 @@ class _NoAuthAcrossHosts(urllib.request.HTTPRedirectHandler):
 
 
 class RegistryClient:
-    def __init__(self, host: str, repository: str, credentials: Credentials, insecure: bool) -> None:
-        self.host = host
+    def __init__(
+        self, base_url: str, repository: str, credentials: Credentials, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.host = urllib.parse.urlsplit(base_url).netloc
         self.repository = repository
         self.credentials = credentials
-        self.base = f"{'http' if insecure else 'https'}://{host}/v2/{repository}"
-        self._opener = urllib.request.build_opener(_NoAuthAcrossHosts)
+        self.base = f"{base_url}/v2/{repository}"
+        self._opener = urllib.request.build_opener(
+            _NoAuthAcrossHosts, urllib.request.HTTPSHandler(context=tls)
+        )
         self._authorization: str | None = None
         if credentials.registry_token:
             self._authorization = f"Bearer {credentials.registry_token}"
@@ -193,9 +197,3 @@ def choose_platform(index: dict[str, Any], os_name: str = "linux", arch: str = "
         if platform.get("os") == os_name and platform.get("architecture") == arch:
             return str(entry["digest"])
     raise NotFound(f"no {os_name}/{arch} image in the index")
-
-
-def client_for(ref: Reference, credentials: Credentials, insecure_hosts: tuple[str, ...]) -> RegistryClient:
-    host = ref.api_host
-    insecure = host in insecure_hosts or is_loopback(host)
-    return RegistryClient(host, ref.repository, credentials, insecure)
