@@ -22,6 +22,7 @@ from shim.config import (
     DEFAULT_SOCKET,
     Config,
 )
+from shim.errors import ShimError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,5 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
         config = _config(args)
         setup_logging(config.log_level)
-        return serve(config)
+        try:
+            return serve(config)
+        except ShimError as exc:
+            logging.getLogger("shim").error("event=cannot_start reason=%r", str(exc))
+            return 1
     return 2

@@ -270,7 +270,9 @@ class SandboxManager:
         stopped = replace(record, state=SandboxState.NOTREADY, pause=None)
         try:
             if record.network is not None:
-                # While the namespace is still pinned: CNI plugins clean up inside it.
+                # While the namespace is still pinned: CNI plugins clean up inside it. The
+                # built-in network gives the address back here too; the veth is gone once
+                # the pin is (the pause is dead), and addresses are handed out round-robin.
                 net = record.namespaces.get("net") or ""
                 self.network.teardown(record.id, record.network, net, record.metadata)
                 stopped = replace(stopped, network=None)
@@ -367,7 +369,7 @@ class SandboxManager:
             self._adopt(record)
         self._sweep_unrecorded()
         with_network = [r for r in records if r.network is not None]
-        self.network.reconcile({r.id for r in with_network})
+        self.network.reconcile({r.id: r.network.ip for r in with_network if r.network is not None})
         self.network.sync_ports([r.network for r in with_network if r.network is not None])
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)

@@ -250,9 +250,14 @@ def _dns(config: api_pb2.PodSandboxConfig) -> DnsConfig:
     )
     for server in dns.servers:
         try:
-            ipaddress.ip_address(server)
+            parsed = ipaddress.ip_address(server)
         except ValueError:
             raise InvalidArgument(f"DNS server {server[:80]!r} is not an IP address") from None
+        # A scope id (fe80::1%eth0) could carry anything, newlines included.
+        _check(
+            "%" not in server and str(parsed) == server.lower(),
+            f"DNS server {server[:80]!r} is not a plain IP address",
+        )
     # Each word lands on a line of resolv.conf: nothing that could start another line.
     for word in [*dns.searches, *dns.options]:
         _check(bool(_DNS_WORD.match(word)), f"DNS search or option {word[:80]!r} is malformed")
@@ -270,17 +275,19 @@ def _port_mappings(config: api_pb2.PodSandboxConfig) -> tuple[PortMapping, ...]:
         _check(m.protocol in _PROTOCOLS, f"port mapping protocol {m.protocol} is not TCP, UDP or SCTP")
         _check(1 <= m.container_port <= 65535, f"container port {m.container_port} is not 1-65535")
         _check(0 <= m.host_port <= 65535, f"host port {m.host_port} is not 0-65535")
-        if m.host_ip:
+        host_ip = m.host_ip
+        if host_ip:
             try:
-                ipaddress.IPv4Address(m.host_ip)
+                parsed = ipaddress.IPv4Address(host_ip)
             except ValueError:
-                raise InvalidArgument(f"host_ip {m.host_ip[:80]!r} is not an IPv4 address") from None
+                raise InvalidArgument(f"host_ip {host_ip[:80]!r} is not an IPv4 address") from None
+            host_ip = "" if parsed.is_unspecified else str(parsed)  # 0.0.0.0 means any, as ""
         if m.host_port == 0:
             continue  # the CRI's "no host port": nothing to map
-        key = (_PROTOCOLS[m.protocol], m.host_port, m.host_ip)
+        key = (_PROTOCOLS[m.protocol], m.host_port, host_ip)
         _check(key not in seen, f"host port {m.host_port}/{key[0]} is mapped twice")
         seen.add(key)
-        result.append(PortMapping(key[0], m.container_port, m.host_port, m.host_ip))
+        result.append(PortMapping(key[0], m.container_port, m.host_port, host_ip))
     return tuple(result)
 
 

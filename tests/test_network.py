@@ -186,6 +186,7 @@ def test_no_dns_config_copies_the_hosts_resolv_conf(daemon: Daemon) -> None:
         ({"options": ["ndots:5\nnameserver 6.6.6.6"]}, "malformed"),
         ({"searches": ["a b"]}, "malformed"),
         ({"servers": ["1.1.1.1"] * 4}, "the limit is 3"),
+        ({"servers": ["fe80::1%x\noptions rotate\nnameserver 6.6.6.6"]}, "not a plain IP address"),
     ],
 )
 def test_bad_dns_config_is_rejected(daemon: Daemon, dns: dict[str, list[str]], message: str) -> None:
@@ -202,6 +203,8 @@ def test_nftables_table_is_pyshims_own(daemon: Daemon) -> None:
         ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True, check=True
     ).stdout
     assert f"ip saddr {daemon.pod_subnet} ip daddr != {daemon.pod_subnet} masquerade" in table
+    # Pods must not reach the node's 127.0.0.1 through route_localnet on the bridge.
+    assert f'iifname "{daemon.bridge}" ip daddr 127.0.0.0/8 drop' in table
     # A restart re-makes it without duplicating rules.
     daemon.restart()
     again = subprocess.run(
@@ -292,3 +295,20 @@ def test_bad_port_mappings_are_rejected(daemon: Daemon, mapping: dict[str, objec
     with pytest.raises(grpc.RpcError) as err:
         run_pod(daemon, config)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (err.value.details() or "")
+
+
+def test_an_existing_non_bridge_interface_is_refused(daemon_factory: type[Daemon]) -> None:
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    d.extra_args = ["--bridge-name", "lo"]
+    with pytest.raises(RuntimeError) as err:
+        d.start()
+    assert "is not a bridge" in str(err.value)
+
+
+def test_unspecified_host_ip_means_any_address(daemon: Daemon) -> None:
+    host_port = free_port()
+    config = pod_config()
+    config.port_mappings.add(protocol=api_pb2.TCP, container_port=80, host_port=host_port, host_ip="0.0.0.0")
+    sandbox_id = run_pod(daemon, config)
+    (mapping,) = details(daemon, sandbox_id)["network"]["portMappings"]
+    assert mapping["host_ip"] == ""

@@ -73,8 +73,9 @@ def test_unimplemented_methods_name_themselves(daemon: Daemon) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "RuntimeService/CreateContainer" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
-        daemon.images.PullImage(api_pb2.PullImageRequest(), timeout=10)
-    assert "ImageService/PullImage" in (err.value.details() or "")
+        list(daemon.images.StreamImages(api_pb2.StreamImagesRequest(), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "ImageService/StreamImages" in (err.value.details() or "")
 
 
 @pytest.mark.root

@@ -70,6 +70,11 @@ class BridgeNetwork:
             found = self._ipr.link_lookup(ifname=name)
             log.info("event=bridge_created bridge=%s", name)
         index = int(found[0])
+        kind = self._ipr.get_links(index)[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind != "bridge":
+            raise FailedPrecondition(
+                f"--bridge-name {name}: that interface exists and is not a bridge ({kind})"
+            )
         gateway = f"{self.gateway}"
         have = {a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(index=index, family=socket.AF_INET)}
         if gateway not in have:
@@ -97,6 +102,11 @@ class BridgeNetwork:
                 f"add map ip {table} {_map(proto, True)} {{ type ipv4_addr . inet_service : {target}; }}"
             )
         chains = {
+            # route_localnet (below) must not let pods reach the node's 127.0.0.1 services.
+            "guard": (
+                "type filter hook prerouting priority raw; policy accept;",
+                [f'iifname "{bridge}" ip daddr 127.0.0.0/8 drop'],
+            ),
             "hostports": (
                 "",
                 [
@@ -126,6 +136,8 @@ class BridgeNetwork:
                     ),
                     # Host-port traffic from 127.0.0.1 to a pod must not arrive with a loopback source.
                     f'ip saddr 127.0.0.0/8 oifname "{bridge}" masquerade',
+                    # A pod reaching a host port that leads back into the pod subnet (hairpin).
+                    f"ct status dnat ip saddr {subnet} ip daddr {subnet} masquerade",
                 ],
             ),
             "forward": (
@@ -174,8 +186,11 @@ class BridgeNetwork:
         """Idempotent: an element already gone is fine."""
         table = self.config.nft_table
         for name, key in self._port_elements(network):
-            with contextlib.suppress(Internal):
+            try:
                 nft(f"delete element ip {table} {name} {{ {key} }}\n")
+            except Internal as exc:
+                if "No such file or directory" not in str(exc):
+                    raise
 
     def sync_ports(self, live: list[PodNetwork]) -> None:
         """At start: the maps hold exactly the host ports of live pods (one transaction)."""
@@ -220,7 +235,10 @@ class BridgeNetwork:
         finally:
             os.close(fd)
         interface = ipaddress.IPv4Interface(f"{address}/{self.config.subnet.prefixlen}")
-        netlink.configure_interface(pod_netlink, POD_IFINDEX, interface, self.gateway)
+        # Asked for index 2, but the kernel may give another (e.g. tunl0 can hold 2 in
+        # every new namespace): ask the pod's namespace which one eth0 got.
+        index = netlink.link_index(pod_netlink, "eth0")
+        netlink.configure_interface(pod_netlink, index, interface, self.gateway)
         network = PodNetwork(ip=str(address), host_interface=host_if, port_mappings=ports)
         self._add_ports(network)
         return network
@@ -234,8 +252,9 @@ class BridgeNetwork:
             self._remove_ports(pod)
         self.ipam.release(sandbox_id)
 
-    def reconcile(self, live: set[str]) -> None:
-        """At start: free addresses and delete veths of sandboxes that no longer exist."""
+    def reconcile(self, live: dict[str, str]) -> None:
+        """At start: the records' addresses are claimed (whatever the IPAM files say),
+        other addresses freed, veths of sandboxes that no longer exist deleted."""
         self.ipam.reconcile(live)
         live_names = {veth_name(i) for i in live}
         with self._ipr_lock:

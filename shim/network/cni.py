@@ -104,7 +104,10 @@ class CniNetwork:
         """DEL through every plugin, last first. Also after a failed or half-made ADD."""
         network = self.network
         if network is None:
-            return
+            if pod is None:
+                return  # nothing was added through CNI
+            # Keep the record's network so that a later Stop (with a config) can DEL it.
+            raise FailedPrecondition(f"cannot release the pod network of {sandbox_id}: {self.problem}")
         previous = json.loads(pod.cni_result) if pod is not None and pod.cni_result else None
         ports = pod.port_mappings if pod is not None else ()
         # The spec allows an empty CNI_NETNS on DEL when the namespace is already gone.
@@ -119,7 +122,7 @@ class CniNetwork:
         if errors:
             raise Internal("; ".join(errors))
 
-    def reconcile(self, live: set[str]) -> None:
+    def reconcile(self, live: dict[str, str]) -> None:
         """Plugins keep their own state; half-made Runs get a DEL from the start-up sweep."""
 
     def sync_ports(self, live: list[PodNetwork]) -> None:
@@ -199,18 +202,22 @@ class CniNetwork:
         if command != "ADD":
             return {}
         try:
-            result: dict[str, Any] = json.loads(done.stdout)
+            result = json.loads(done.stdout)
         except ValueError:
             raise Internal(f"CNI plugin {plugin_type} ADD printed no JSON result") from None
+        if not isinstance(result, dict):
+            raise Internal(f"CNI plugin {plugin_type} ADD printed no JSON object")
         return result
 
 
 def _error_text(stdout: bytes, stderr: bytes) -> str:
     try:
         error = json.loads(stdout)
-        return f"{error.get('msg', '')} {error.get('details', '')}".strip() or stdout.decode(errors="replace")
     except ValueError:
-        return (stderr or stdout).decode(errors="replace").strip()[:500]
+        error = None
+    if isinstance(error, dict):
+        return f"{error.get('msg', '')} {error.get('details', '')}".strip()[:500]
+    return (stderr or stdout).decode(errors="replace").strip()[:500]
 
 
 def find_plugin(plugin_type: str, bin_dirs: tuple[Path, ...]) -> Path | None:

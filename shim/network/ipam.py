@@ -82,9 +82,16 @@ class Ipam:
         with self._lock:
             return self._by_owner.get(owner)
 
-    def reconcile(self, live: set[str]) -> None:
-        """Free every address whose owner is not a live sandbox."""
+    def reconcile(self, live: dict[str, str]) -> None:
+        """Claim each live sandbox's recorded address (a crash may have freed its file);
+        free every address whose owner is not a live sandbox."""
         with self._lock:
+            for owner, text in live.items():
+                address = ipaddress.ip_address(text)
+                if address in self.subnet and self._owners.get(address) in (None, owner):
+                    write_atomically(self.directory / str(address), owner.encode(), durable=False)
+                    self._owners[address] = owner
+                    self._by_owner[owner] = address
             stale = [owner for owner in self._by_owner if owner not in live]
         for owner in stale:
             log.warning("event=ip_reclaimed sandbox=%s ip=%s", owner, self._by_owner.get(owner))

@@ -14,7 +14,7 @@ import struct
 from typing import Any
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.rtnl import RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
@@ -121,6 +121,15 @@ def configure_interface(
             (*_default_route(index, gateway), create, f"adding a default route via {gateway} in the pod"),
         ],
     )
+
+
+def link_index(sock: socket.socket, name: str) -> int:
+    msg = ifinfmsg()
+    msg["attrs"] = [("IFLA_IFNAME", name)]
+    reply = _request(sock, msg, RTM_GETLINK, 0, f"looking up {name} in the pod network namespace")
+    answer = ifinfmsg(reply)
+    answer.decode()
+    return int(answer["index"])
 
 
 def add_veth(
