@@ -369,7 +369,7 @@ class SandboxManager:
             self._adopt(record)
         self._sweep_unrecorded()
         with_network = [r for r in records if r.network is not None]
-        self.network.reconcile({r.id: r.network.ip for r in with_network if r.network is not None})
+        self.network.reconcile({r.id: r.network for r in with_network if r.network is not None})
         self.network.sync_ports([r.network for r in with_network if r.network is not None])
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -34,8 +33,7 @@ from shim.images import Images
 from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
 from shim.images.store import ImageStore
-from shim.network import NetworkBackend, cni
-from shim.network.bridge import BridgeConfig, BridgeNetwork
+from shim.network.select import NetworkSelector
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, become_subreaper
 from shim.sandbox import ListFilter, SandboxManager
@@ -338,22 +336,6 @@ def prepare_socket(path: Path) -> None:
     raise FailedPrecondition(f"another daemon is serving on {path}")
 
 
-def open_network(config: Config) -> NetworkBackend:
-    """CNI when its config dir holds a network configuration, else the built-in bridge."""
-    if cni.config_files(config.cni_conf_dir):
-        return cni.CniNetwork(config.cni_conf_dir, config.cni_bin_dirs)
-    return BridgeNetwork(
-        BridgeConfig(
-            name=config.bridge_name,
-            subnet=ipaddress.IPv4Network(config.pod_subnet),
-            nft_table=config.nft_table,
-            ip_forward=config.ip_forward,
-            masquerade=config.masquerade,
-        ),
-        config.ipam_dir,
-    )
-
-
 class Daemon:
     """Builds and owns everything one pyshim process runs."""
 
@@ -362,7 +344,7 @@ class Daemon:
         # First: a daemon that may not serve here must not touch the node (bridge, tables).
         prepare_socket(config.socket)
         self.watcher = ExitWatcher()
-        self.network = open_network(config)
+        self.network = NetworkSelector(config)
         image_store = ImageStore(config.image_dir)
         self.layers = LayerStore(image_store, config.image_dir / "layers", config.root / "rootfs")
         self.images = Images(

@@ -163,6 +163,7 @@ def _network_json(network: PodNetwork) -> dict[str, Any]:
         "additional_ips": list(network.additional_ips),
         "host_interface": network.host_interface,
         "cni_result": network.cni_result,
+        "backend": network.backend,
         "port_mappings": [
             {
                 "protocol": m.protocol,
@@ -181,6 +182,7 @@ def _network_from_json(data: dict[str, Any]) -> PodNetwork:
         additional_ips=tuple(data["additional_ips"]),
         host_interface=data["host_interface"],
         cni_result=data.get("cni_result", ""),
+        backend=data.get("backend") or ("cni" if data.get("cni_result") else "bridge"),
         port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
     )
 

@@ -134,3 +134,37 @@ def test_cni_without_usable_config_is_not_ready(daemon_factory: type[Daemon], tm
     assert pause_pids() - before == set()
     # Host-network pods need no pod network.
     assert run_pod(d, network=api_pb2.NODE)
+
+
+def test_cni_config_written_after_start_is_picked_up(
+    daemon_factory: type[Daemon], tmp_path: Path, cleanup_links: list[str]
+) -> None:
+    # As with kubeadm: the runtime starts first, the network's config comes later.
+    conf_dir = tmp_path / "late-cni"
+    d = daemon_factory(extra_args=["--cni-conf-dir", str(conf_dir), "--cni-bin-dir", "/usr/lib/cni"])  # type: ignore[call-arg]
+    early = run_pod(d)
+    assert ipaddress.ip_address(status(d, early).status.network.ip) in ipaddress.ip_network(d.pod_subnet)
+    bridge, subnet = (
+        f"pcn{secrets.token_hex(3)}",
+        f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24",
+    )
+    cleanup_links.append(bridge)
+    conf_dir.mkdir()
+    plugin = {
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": False,
+        "ipMasq": False,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": str(tmp_path / "ipam")},
+    }
+    (conf_dir / "10-late.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "late", "plugins": [plugin]})
+    )
+    late = run_pod(d)
+    assert ipaddress.ip_address(status(d, late).status.network.ip) in ipaddress.ip_network(subnet)
+    info = json.loads(d.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=10).info["info"])
+    assert info["network"]["kind"] == "cni"
+    # The early pod still goes back to the built-in network that made it.
+    early_ip = status(d, early).status.network.ip
+    d.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=early), timeout=60)
+    assert not (d.run_root / "ipam" / early_ip).exists()

@@ -33,6 +33,8 @@ class PodNetwork:
     port_mappings: tuple[PortMapping, ...] = field(default_factory=tuple)
     # CNI mode: the final ADD result (JSON), handed back to the plugins on DEL.
     cni_result: str = ""
+    # Which backend made it ("bridge" or "cni"): the one that must undo it.
+    backend: str = "bridge"
 
 
 class NetworkBackend(Protocol):
@@ -59,8 +61,8 @@ class NetworkBackend(Protocol):
         """Idempotent; also after a failed or half-made setup (pod None)."""
         ...
 
-    def reconcile(self, live: dict[str, str]) -> None:
-        """At start, with the address each live sandbox's record holds."""
+    def reconcile(self, live: dict[str, PodNetwork]) -> None:
+        """At start, with the network each live sandbox's record holds."""
         ...
 
     def sync_ports(self, live: list[PodNetwork]) -> None: ...

@@ -49,6 +49,8 @@ def veth_name(sandbox_id: str) -> str:
 
 
 class BridgeNetwork:
+    KIND = "bridge"
+
     def __init__(self, config: BridgeConfig, state_dir: Path) -> None:
         self.config = config
         self.gateway: ipaddress.IPv4Address = next(config.subnet.hosts())
@@ -252,10 +254,10 @@ class BridgeNetwork:
             self._remove_ports(pod)
         self.ipam.release(sandbox_id)
 
-    def reconcile(self, live: dict[str, str]) -> None:
+    def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """At start: the records' addresses are claimed (whatever the IPAM files say),
         other addresses freed, veths of sandboxes that no longer exist deleted."""
-        self.ipam.reconcile(live)
+        self.ipam.reconcile({sandbox_id: pod.ip for sandbox_id, pod in live.items()})
         live_names = {veth_name(i) for i in live}
         with self._ipr_lock:
             for link in self._ipr.get_links():

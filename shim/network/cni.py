@@ -41,6 +41,8 @@ class NetworkList:
 
 
 class CniNetwork:
+    KIND = "cni"
+
     def __init__(self, conf_dir: Path, bin_dirs: tuple[Path, ...]) -> None:
         self.conf_dir = conf_dir
         self.bin_dirs = bin_dirs
@@ -96,6 +98,7 @@ class CniNetwork:
             additional_ips=tuple(ip for ip in ips if ip != primary),
             port_mappings=ports,
             cni_result=json.dumps(result, sort_keys=True),
+            backend=self.KIND,
         )
 
     def teardown(
@@ -122,7 +125,7 @@ class CniNetwork:
         if errors:
             raise Internal("; ".join(errors))
 
-    def reconcile(self, live: dict[str, str]) -> None:
+    def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """Plugins keep their own state; half-made Runs get a DEL from the start-up sweep."""
 
     def sync_ports(self, live: list[PodNetwork]) -> None:
