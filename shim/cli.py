@@ -122,7 +122,30 @@ def _parser() -> argparse.ArgumentParser:
         help="for tests: make every RunPodSandbox fail at STEP (mkdir, spawn, pin, network, save), "
         "or with crash:STEP kill the daemon there",
     )
+    images = commands.add_parser("images", help="manage the image store without a registry")
+    image_commands = images.add_subparsers(dest="images_command", required=True)
+    importer = image_commands.add_parser(
+        "import", help="import an OCI image layout tar or a `docker save` tar (air-gapped nodes)"
+    )
+    importer.add_argument("file", type=Path, help="the archive (plain or gzip-compressed tar)")
+    importer.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="the daemon's --root")
+    importer.add_argument("--name", default="", help="name:tag for the image, instead of the archive's own")
     return parser
+
+
+def _import(args: argparse.Namespace) -> int:
+    from shim.images.importer import import_file
+    from shim.images.store import ImageStore
+
+    setup_logging("warning")
+    try:
+        records = import_file(ImageStore(args.root.absolute() / "images"), args.file, args.name)
+    except ShimError as exc:
+        print(f"pyshim: import failed: {exc}", file=sys.stderr)
+        return 1
+    for record in records:
+        print(record.id, *record.repo_tags)
+    return 0
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -170,4 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         except ShimError as exc:
             logging.getLogger("shim").error("event=cannot_start reason=%r", str(exc))
             return 1
+    if args.command == "images" and args.images_command == "import":
+        return _import(args)
     return 2

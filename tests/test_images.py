@@ -199,3 +199,41 @@ def test_pull_through_a_mirror_keeps_the_original_name(
     assert list(item.repo_tags) == [ref]
     assert image_status(d, ref).image.id == image["config"]
     assert "mirror_skipped" in d.log.read_text()
+
+
+def test_import_oci_layout_and_docker_save_archives(daemon: Daemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tarfile
+
+    layout = tmp_path / "oci"
+    digests = oci_layout(layout, "3.10", [layer_tar({"pause": b"#!/bin/true\n"})])
+    oci_tar = tmp_path / "pause-oci.tar"
+    with tarfile.open(oci_tar, "w") as tar:
+        tar.add(layout, arcname=".")
+    docker_tar = tmp_path / "app-docker.tar"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            f"oci:{layout}:3.10",
+            f"docker-archive:{docker_tar}:example.com/team/app:v2",
+        ],
+        check=True,
+    )
+    cli = [sys.executable, "-m", "shim", "images", "import", "--root", str(daemon.root)]
+    out = subprocess.run(
+        [*cli, str(oci_tar), "--name", "registry.k8s.io/pause:3.10"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [digests["config"], "registry.k8s.io/pause:3.10"]
+    out = subprocess.run([*cli, str(docker_tar)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # The running daemon serves both as if pulled.
+    assert image_status(daemon, "registry.k8s.io/pause:3.10").image.id == digests["config"]
+    assert image_status(daemon, "example.com/team/app:v2").image.id == digests["config"]
+    (item,) = listed(daemon)
+    assert sorted(item.repo_tags) == ["example.com/team/app:v2", "registry.k8s.io/pause:3.10"]
+    bad = subprocess.run([*cli, str(tmp_path / "missing.tar")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "import failed" in bad.stderr

@@ -12,6 +12,7 @@ is deleted when its last image is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shim.errors import DataLoss
 from shim.images.reference import DIGEST
@@ -127,9 +128,18 @@ class ImageStore:
         self.tmp_dir.mkdir(mode=0o700)
         self._lock = threading.Lock()
         self._images: dict[str, ImageRecord] = {}
+        self._seen_mtime = -1
         self._load()
 
+    def _refresh(self) -> None:
+        """Reload when another process (`pyshim images import`) changed the records."""
+        mtime = self.record_dir.stat().st_mtime_ns
+        if mtime != self._seen_mtime:
+            self._images.clear()
+            self._load()
+
     def _load(self) -> None:
+        self._seen_mtime = self.record_dir.stat().st_mtime_ns
         for path in sorted(self.record_dir.glob("*.json")):
             try:
                 record = ImageRecord.from_json(json.loads(path.read_bytes()))
@@ -170,9 +180,21 @@ class ImageStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_blob(self, digest: str, data: bytes) -> None:
-        import hashlib
+    def put_blob_stream(self, digest: str, source: IO[bytes], limit: int) -> None:
+        """Copy a blob from a file object, checking size and digest on the way."""
+        hasher = hashlib.sha256()
+        size = 0
+        with self.new_blob(digest) as sink:
+            while chunk := source.read(1024 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise DataLoss(f"blob {digest} is larger than {limit} bytes")
+                hasher.update(chunk)
+                sink.write(chunk)
+            if "sha256:" + hasher.hexdigest() != digest:
+                raise DataLoss(f"content does not match {digest}")
 
+    def put_blob(self, digest: str, data: bytes) -> None:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise DataLoss(f"content does not match {digest}")
         with self.new_blob(digest) as sink:
@@ -182,15 +204,18 @@ class ImageStore:
 
     def images(self) -> list[ImageRecord]:
         with self._lock:
+            self._refresh()
             return list(self._images.values())
 
     def get(self, image_id: str) -> ImageRecord | None:
         with self._lock:
+            self._refresh()
             return self._images.get(image_id)
 
     def commit(self, record: ImageRecord) -> ImageRecord:
         """Add or merge an image; its tags move here from any other image."""
         with self._lock:
+            self._refresh()
             existing = self._images.get(record.id)
             if existing is not None:
                 record = replace(
@@ -209,6 +234,7 @@ class ImageStore:
 
     def untag(self, image_id: str, tag: str) -> None:
         with self._lock:
+            self._refresh()
             record = self._images.get(image_id)
             if record is not None:
                 self._save(replace(record, repo_tags=tuple(t for t in record.repo_tags if t != tag)))
@@ -216,10 +242,12 @@ class ImageStore:
     def delete(self, image_id: str) -> None:
         """Drop the record and every blob no other image uses."""
         with self._lock:
+            self._refresh()
             record = self._images.pop(image_id, None)
             if record is None:
                 return
             (self.record_dir / f"{image_id.removeprefix('sha256:')}.json").unlink(missing_ok=True)
+            self._seen_mtime = self.record_dir.stat().st_mtime_ns
             still_used = set().union(*(r.blobs for r in self._images.values())) if self._images else set()
             for digest in record.blobs - still_used:
                 self.blob_path(digest).unlink(missing_ok=True)
@@ -228,6 +256,7 @@ class ImageStore:
         path = self.record_dir / f"{record.id.removeprefix('sha256:')}.json"
         write_atomically(path, json.dumps(record.to_json(), separators=(",", ":")).encode())
         self._images[record.id] = record
+        self._seen_mtime = self.record_dir.stat().st_mtime_ns  # our own change: no reload
 
 
 def _union(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
