@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -237,3 +238,31 @@ def test_import_oci_layout_and_docker_save_archives(daemon: Daemon, tmp_path: Pa
     assert sorted(item.repo_tags) == ["example.com/team/app:v2", "registry.k8s.io/pause:3.10"]
     bad = subprocess.run([*cli, str(tmp_path / "missing.tar")], capture_output=True, text=True)
     assert bad.returncode == 1 and "import failed" in bad.stderr
+
+
+def test_registry_with_token_auth(daemon: Daemon, tmp_path: Path) -> None:
+    from tokenserver import TokenServer
+
+    tokens = TokenServer(tmp_path / "tokens", "tester", "s3cret-pw")
+    reg = start_registry(tmp_path / "tokenreg", tokens.registry_config())
+    try:
+        layout = tmp_path / "tok"
+        digests = oci_layout(layout, "v1", [layer_tar({"t": b"token"})])
+        push(layout, "v1", reg, "private/tok", creds="tester:s3cret-pw")
+        ref = f"{reg.host}/private/tok:v1"
+        with pytest.raises(grpc.RpcError) as err:
+            pull(daemon, ref)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        issued = tokens.issued
+        assert (
+            pull(daemon, ref, api_pb2.AuthConfig(username="tester", password="s3cret-pw"))
+            == digests["config"]
+        )
+        assert tokens.issued > issued  # the challenge flow went through the token server
+        # The same credentials as the CRI's base64 `auth` field.
+        daemon.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)), timeout=10)
+        auth = base64.b64encode(b"tester:s3cret-pw").decode()
+        assert pull(daemon, ref, api_pb2.AuthConfig(auth=auth)) == digests["config"]
+    finally:
+        reg.stop()
+        tokens.stop()
