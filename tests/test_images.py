@@ -266,3 +266,41 @@ def test_registry_with_token_auth(daemon: Daemon, tmp_path: Path) -> None:
     finally:
         reg.stop()
         tokens.stop()
+
+
+def test_pulled_busybox_image_becomes_a_working_rootfs(
+    daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+
+    from shim.images.layers import LayerStore
+    from shim.images.store import ImageStore
+
+    busybox = Path("/bin/busybox").read_bytes()
+    base = layer_tar({"bin/": None, "etc/": None, "etc/old": b"old\n", "opt/": None, "opt/a": b"a\n"})
+    base_bin = layer_tar({"bin/busybox": busybox}, mode=0o755)
+    top = layer_tar({"etc/.wh.old": b"", "opt/.wh..wh..opq": b"", "opt/b": b"b\n"})
+    layout = tmp_path / "bb"
+    digests = oci_layout(layout, "bb", [base, base_bin, top], config={"Cmd": ["/bin/busybox", "sh"]})
+    push(layout, "bb", registry, "library/busybox")
+    image_id = pull(daemon, f"{registry.host}/library/busybox:bb")
+    assert image_id == digests["config"]
+    store = ImageStore(daemon.root / "images")
+    layers = LayerStore(store, daemon.root / "images" / "layers", tmp_path / "rootfs")
+    record = store.get(image_id)
+    assert record is not None and record.config.cmd == ("/bin/busybox", "sh")
+    rootfs = layers.prepare("c-busybox", record)
+    try:
+        run = subprocess.run(
+            ["chroot", str(rootfs), "/bin/busybox", "sh", "-c", "ls /etc /opt; echo made > /made"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert run.stdout.split() == ["/etc:", "/opt:", "b"]  # /etc/old whited out; /opt opaque: only b
+        assert (rootfs / "made").read_text() == "made\n"
+        assert os.access(rootfs / "bin/busybox", os.X_OK)
+    finally:
+        layers.release("c-busybox")
+    assert not (tmp_path / "rootfs" / "c-busybox").exists()
