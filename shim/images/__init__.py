@@ -112,8 +112,8 @@ class Images:
             raise FailedPrecondition(f"blob {digest} is {size} bytes, the limit is {limit}")
         with self._blob_lock(digest):  # a second pull of this blob waits, then finds it
             if not self.store.has_blob(digest):
-                with self.store.new_blob(digest) as sink:
-                    client.blob_to(digest, sink, size)
+                with client.open_blob(digest) as body:
+                    self.store.put_blob_stream(digest, body, size, f" from {client.host}")
         return digest
 
     def _blob_lock(self, digest: str) -> threading.Lock:

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from shim.errors import DataLoss, NotFound, Unauthenticated, Unavailable
 
@@ -174,20 +174,9 @@ class RegistryClient:
             media_type = json.loads(body).get("mediaType", "")
         return body, media_type, digest
 
-    def blob_to(self, digest: str, sink: IO[bytes], limit: int) -> int:
-        """Stream a blob into `sink`, checking its digest; returns its size."""
-        hasher = hashlib.sha256()
-        size = 0
-        with self._open(f"{self.base}/blobs/{digest}", {}) as response:
-            while chunk := response.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise DataLoss(f"blob {digest} is larger than its manifest says ({limit} bytes)")
-                hasher.update(chunk)
-                sink.write(chunk)
-        if "sha256:" + hasher.hexdigest() != digest:
-            raise DataLoss(f"blob {digest} from {self.host} does not match its digest")
-        return size
+    def open_blob(self, digest: str) -> http.client.HTTPResponse:
+        """The blob's body, to be read as a stream (the store checks the digest)."""
+        return self._open(f"{self.base}/blobs/{digest}", {})
 
 
 def choose_platform(index: dict[str, Any], os_name: str = "linux", arch: str = "amd64") -> str:

@@ -180,19 +180,22 @@ class ImageStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_blob_stream(self, digest: str, source: IO[bytes], limit: int) -> None:
-        """Copy a blob from a file object, checking size and digest on the way."""
+    def put_blob_stream(self, digest: str, source: IO[bytes], limit: int, origin: str = "") -> None:
+        """Copy a blob from a stream, checking size and digest on the way; nothing
+        lands in the store unless both hold."""
         hasher = hashlib.sha256()
         size = 0
         with self.new_blob(digest) as sink:
             while chunk := source.read(1024 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    raise DataLoss(f"blob {digest} is larger than {limit} bytes")
+                    raise DataLoss(
+                        f"blob {digest}{origin} is larger than its descriptor says ({limit} bytes)"
+                    )
                 hasher.update(chunk)
                 sink.write(chunk)
             if "sha256:" + hasher.hexdigest() != digest:
-                raise DataLoss(f"content does not match {digest}")
+                raise DataLoss(f"blob {digest}{origin} does not match its digest")
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
