@@ -371,8 +371,21 @@ class SandboxManager:
         with_network = [r for r in records if r.network is not None]
         self.network.reconcile({r.id: r.network for r in with_network if r.network is not None})
         self.network.sync_ports([r.network for r in with_network if r.network is not None])
+        self._check_networks()
         ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
+
+    def _check_networks(self) -> None:
+        """After a restart, ask the network (CNI CHECK) whether READY pods still have theirs."""
+        for sandbox in list(self._sandboxes.values()):
+            record = sandbox.record
+            net = record.namespaces.get("net")
+            if record.state is not SandboxState.READY or record.network is None or net is None:
+                continue
+            try:
+                self.network.check(record.id, record.network, net, record.metadata)
+            except ShimError as exc:
+                log.warning("event=network_check_failed sandbox=%s reason=%r", record.id, str(exc))
 
     def _adopt(self, record: SandboxRecord) -> None:
         pause = TrackedProcess.adopt(record.pause) if record.pause else None

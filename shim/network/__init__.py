@@ -61,6 +61,10 @@ class NetworkBackend(Protocol):
         """Idempotent; also after a failed or half-made setup (pod None)."""
         ...
 
+    def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
+        """Raise if the pod's network is not as set up (CNI CHECK); used after a restart."""
+        ...
+
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """At start, with the network each live sandbox's record holds."""
         ...

@@ -254,6 +254,9 @@ class BridgeNetwork:
             self._remove_ports(pod)
         self.ipam.release(sandbox_id)
 
+    def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
+        """The address is recorded in the IPAM; the rest is the kernel's (nothing to ask)."""
+
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """At start: the records' addresses are claimed (whatever the IPAM files say),
         other addresses freed, veths of sandboxes that no longer exist deleted."""

@@ -125,6 +125,16 @@ class CniNetwork:
         if errors:
             raise Internal("; ".join(errors))
 
+    def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
+        """CHECK through every plugin with the ADD result (CNI 0.4.0 and later)."""
+        network = self._require()
+        if network.cni_version.startswith(("0.1", "0.2", "0.3")) or not pod.cni_result:
+            return
+        previous = json.loads(pod.cni_result)
+        for plugin in network.plugins:
+            conf = self._plugin_conf(network, plugin, previous, pod.port_mappings)
+            self._exec("CHECK", plugin["type"], conf, sandbox_id, netns_path, metadata)
+
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """Plugins keep their own state; half-made Runs get a DEL from the start-up sweep."""
 

@@ -84,6 +84,9 @@ class NetworkSelector:
         backend = self._current() if pod is None else self._for(pod)
         backend.teardown(sandbox_id, pod, netns_path, metadata)
 
+    def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
+        self._for(pod).check(sandbox_id, pod, netns_path, metadata)
+
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         bridge_pods = {i: p for i, p in live.items() if p.backend == "bridge"}
         if bridge_pods or self._bridge is not None:
