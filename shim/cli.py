@@ -139,7 +139,7 @@ def _import(args: argparse.Namespace) -> int:
 
     setup_logging("warning")
     try:
-        records = import_file(ImageStore(args.root.absolute() / "images"), args.file, args.name)
+        records = import_file(ImageStore(args.root.absolute() / "images", owner=False), args.file, args.name)
     except ShimError as exc:
         print(f"pyshim: import failed: {exc}", file=sys.stderr)
         return 1

@@ -304,3 +304,39 @@ def test_pulled_busybox_image_becomes_a_working_rootfs(
     finally:
         layers.release("c-busybox")
     assert not (tmp_path / "rootfs" / "c-busybox").exists()
+
+
+def test_pull_only_mirror_is_not_asked_for_tags_and_gets_no_pull_secret(
+    daemon_factory: type[Daemon], registry: Registry, image: dict[str, str]
+) -> None:
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    host_dir = d.base / "certs.d" / "registry.example.internal"
+    host_dir.mkdir(parents=True)
+    (host_dir / "hosts.toml").write_text(
+        f'skip_upstream = true\n[host."http://{registry.host}"]\n  capabilities = ["pull"]\n'
+    )
+    d.start()
+    with pytest.raises(grpc.RpcError) as err:  # a tag needs "resolve": no endpoint left
+        pull(d, "registry.example.internal/library/test:1.0")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    by_digest = f"registry.example.internal/library/test@{image['manifest']}"
+    # By digest, the pull-only mirror serves; the request's secret is not sent to it.
+    secret = api_pb2.AuthConfig(username="upstream-user", password="upstream-secret")
+    assert pull(d, by_digest, secret) == image["config"]
+
+
+def test_failed_pull_leaves_no_blobs(daemon: Daemon, registry: Registry, tmp_path: Path) -> None:
+    layout = tmp_path / "half"
+    oci_layout(layout, "h", [layer_tar({"ok": b"fine"}), layer_tar({"bad": b"will be corrupted"})])
+    push(layout, "h", registry, "library/half")
+    storage = registry.log.parent / "storage"
+    gz = sorted(
+        (p for p in storage.rglob("data") if p.read_bytes()[:2] == b"\x1f\x8b"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    data = bytearray(gz[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gz[-1].write_bytes(bytes(data))
+    with pytest.raises(grpc.RpcError):
+        pull(daemon, f"{registry.host}/library/half:h")
+    assert blobs(daemon) == set() and listed(daemon) == []

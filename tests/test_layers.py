@@ -143,3 +143,31 @@ def test_overlay_rootfs_with_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
     assert not (tmp_path / "rootfs" / "c1").exists()
     layers.remove_unused(set())
     assert [p for p in (tmp_path / "images" / "layers").iterdir()] == []
+
+
+@pytest.mark.parametrize("name", [".wh...", ".wh..", ".wh."])
+def test_whiteouts_cannot_name_a_parent(tmp_path: Path, name: str) -> None:
+    (tmp_path / "sibling").mkdir()
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    blob = tmp_path / "evil.tar"
+    blob.write_bytes(tar_of(entry(name, data=b"")))
+    with pytest.raises(UnsafeLayer):
+        extract(blob, dest)
+    assert (tmp_path / "sibling").is_dir() and dest.is_dir()
+
+
+def test_unpacked_dirs_are_not_the_daemons_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        dest = tmp_path / "out"
+        dest.mkdir()
+        blob = tmp_path / "l.tar"
+        blob.write_bytes(
+            tar_of(entry("./", tarfile.DIRTYPE, 0o755), entry("usr/bin/tool", data=b"x", mode=0o755))
+        )
+        extract(blob, dest)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(dest / "usr").st_mode) == 0o755

@@ -64,25 +64,48 @@ class Images:
             raise FailedPrecondition(f"{ref}: manifest type {media_type!r} is not supported (schema 1?)")
         manifest = _json(body, "manifest")
         config_desc, layer_descs = manifest.get("config") or {}, manifest.get("layers") or []
-        if len(layer_descs) > MAX_LAYERS:
-            raise FailedPrecondition(f"{ref}: {len(layer_descs)} layers, the limit is {MAX_LAYERS}")
-        config_digest = self._fetch(client, config_desc, MAX_CONFIG)
-        layers = tuple(self._fetch(client, d, MAX_LAYER) for d in layer_descs)
-        if not self.store.has_blob(manifest_digest):
-            self.store.put_blob(manifest_digest, body)
+        if not isinstance(layer_descs, list) or len(layer_descs) > MAX_LAYERS:
+            raise FailedPrecondition(f"{ref}: the manifest's layers are not a list of at most {MAX_LAYERS}")
+        pinned: list[str] = []
+        ok = False
+        try:
+            config_digest = self._fetch(client, config_desc, MAX_CONFIG, pinned)
+            layers = tuple(self._fetch(client, d, MAX_LAYER, pinned) for d in layer_descs)
+            self.store.pin(manifest_digest)
+            pinned.append(manifest_digest)
+            if not self.store.has_blob(manifest_digest):
+                self.store.put_blob(manifest_digest, body)
+            record = self._record(
+                ref, top_digest, manifest_digest, config_digest, layers, config_desc, layer_descs
+            )
+            ok = True
+        finally:
+            # A failed pull leaves no blob behind that no image uses.
+            self.store.unpin(pinned, drop_unused=not ok)
+        log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(record.layers))
+        return record
+
+    def _record(
+        self,
+        ref: Reference,
+        top_digest: str,
+        manifest_digest: str,
+        config_digest: str,
+        layers: tuple[str, ...],
+        config_desc: dict[str, Any],
+        layer_descs: list[dict[str, Any]],
+    ) -> ImageRecord:
         config = _json(self.store.read_blob(config_digest), "image config")
         record = ImageRecord(
             id=config_digest,
             manifest_digest=manifest_digest,
             layers=layers,
-            size=int(config_desc.get("size", 0)) + sum(int(d.get("size", 0)) for d in layer_descs),
+            size=_size(config_desc) + sum(_size(d) for d in layer_descs),
             repo_tags=(str(ref),) if ref.tag else (),
             repo_digests=(f"{ref.name}@{top_digest}",),
             config=ImageConfig.from_config(config),
         )
-        record = self.store.commit(record)
-        log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(layers))
-        return record
+        return self.store.commit(record)
 
     def _resolve(
         self, ref: Reference, credentials: Credentials
@@ -90,7 +113,11 @@ class Images:
         """The first endpoint (mirrors, then upstream) that serves the manifest."""
         errors: list[ShimError] = []
         for endpoint in hosts_config.endpoints(ref, self.hosts, self.insecure_hosts):
-            creds = credentials if credentials != Credentials() else (endpoint.credentials or credentials)
+            if endpoint.mirror and not ref.digest and not endpoint.can_resolve:
+                continue  # a pull-only mirror may not say what a tag means
+            # The pull's own credentials are for the upstream registry only; a mirror
+            # gets those configured for it.
+            creds = (endpoint.credentials or Credentials()) if endpoint.mirror else credentials
             client = RegistryClient(endpoint.url, ref.repository, creds, endpoint.ssl_context())
             try:
                 return client, client.manifest(ref.digest or ref.tag)
@@ -103,11 +130,15 @@ class Images:
         # The upstream's answer (the last) says the most; else the first mirror's.
         raise errors[-1]
 
-    def _fetch(self, client: RegistryClient, descriptor: dict[str, Any], limit: int) -> str:
+    def _fetch(self, client: RegistryClient, descriptor: Any, limit: int, pinned: list[str]) -> str:
+        if not isinstance(descriptor, dict):
+            raise FailedPrecondition("a manifest descriptor is not a JSON object")
         digest = str(descriptor.get("digest", ""))
         if not DIGEST.match(digest):
             raise FailedPrecondition(f"unsupported or malformed digest {digest[:80]!r}")
-        size = int(descriptor.get("size", limit))
+        size = _size(descriptor, default=limit)
+        self.store.pin(digest)
+        pinned.append(digest)
         if size > limit:
             raise FailedPrecondition(f"blob {digest} is {size} bytes, the limit is {limit}")
         with self._blob_lock(digest):  # a second pull of this blob waits, then finds it
@@ -131,6 +162,8 @@ class Images:
             matches = [r for r in self.store.images() if r.id.removeprefix("sha256:").startswith(hex_part)]
             if len(matches) == 1:
                 return matches[0]
+            if len(matches) > 1:
+                raise InvalidArgument(f"image id prefix {text!r} is ambiguous ({len(matches)} images)")
         ref: Reference = parse(text)
         wanted = str(ref)
         for record in self.store.images():
@@ -165,6 +198,13 @@ class Images:
             "config": _json(self.store.read_blob(record.id), "image config"),
         }
         return {"info": json.dumps(info, sort_keys=True)}
+
+
+def _size(descriptor: dict[str, Any], default: int = 0) -> int:
+    size = descriptor.get("size", default)
+    if not isinstance(size, int) or size < 0:
+        raise FailedPrecondition(f"descriptor size {str(size)[:40]!r} is not a byte count")
+    return size
 
 
 def _looks_like_id(text: str) -> bool:

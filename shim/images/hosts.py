@@ -39,6 +39,7 @@ class Endpoint:
     ca: str = ""
     credentials: Credentials | None = None
     mirror: bool = False
+    can_resolve: bool = True  # may resolve tags (capability "resolve")
 
     @property
     def host(self) -> str:
@@ -69,14 +70,19 @@ def load(config_dir: Path) -> dict[str, HostConfig]:
     for path in sorted(config_dir.glob("*/hosts.toml")):
         try:
             hosts[path.parent.name] = _parse(tomllib.loads(path.read_text()))
-        except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError) as exc:
+        except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError, OSError) as exc:
             log.error("event=hosts_config_refused path=%s reason=%s", path, exc)
     return hosts
 
 
 def _parse(data: dict[str, Any]) -> HostConfig:
     mirrors = []
-    for url, settings in (data.get("host") or {}).items():
+    table = data.get("host") or {}
+    if not isinstance(table, dict):
+        raise ValueError("host must be a table of mirrors")
+    for url, settings in table.items():
+        if not isinstance(settings, dict):
+            raise ValueError(f"mirror {url!r} must be a table")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"mirror {url!r} must start with http:// or https://")
         caps = settings.get("capabilities", ["pull", "resolve"])
@@ -94,6 +100,7 @@ def _parse(data: dict[str, Any]) -> HostConfig:
                 ca=str(settings.get("ca", "")),
                 credentials=creds,
                 mirror=True,
+                can_resolve="resolve" in caps,
             )
         )
     return HostConfig(

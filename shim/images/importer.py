@@ -88,12 +88,15 @@ def _import_oci(store: ImageStore, archive: _Archive, name: str) -> list[ImageRe
     records = []
     for entry in archive.json("index.json").get("manifests", []):
         annotations = entry.get("annotations") or {}
-        ref_name = (
-            name
-            or annotations.get("io.containerd.image.name")
-            or annotations.get("org.opencontainers.image.ref.name", "")
-        )
-        digest = entry["digest"]
+        ref_name = name or annotations.get("io.containerd.image.name", "")
+        tag_only = annotations.get("org.opencontainers.image.ref.name", "")
+        if not ref_name and tag_only:
+            if "/" not in tag_only:
+                raise InvalidArgument(
+                    f"the archive names its image only by the tag {tag_only!r}: pass --name NAME:TAG"
+                )
+            ref_name = tag_only
+        digest = str(entry.get("digest", ""))
         manifest_body_name = _blob_name(digest)
         if entry.get("mediaType") in LISTS:
             digest = choose_platform(archive.json(manifest_body_name))

@@ -82,7 +82,8 @@ def _parent_dir(dest: Path, rel: PurePosixPath) -> Path:
         try:
             st = os.lstat(current)
         except FileNotFoundError:
-            os.mkdir(current, 0o755)
+            os.mkdir(current)
+            os.chmod(current, 0o755)  # explicit: the daemon's umask is 077
             continue
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise UnsafeLayer(f"layer member {str(rel)!r} goes through {part!r}, which is not a directory")
@@ -105,6 +106,9 @@ def _clear(target: Path, keep_dir: bool) -> None:
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     rel = _safe_name(member.name)
     if rel is None:
+        if member.isdir():  # "./": the layer's root directory
+            os.chown(dest, member.uid, member.gid)
+            os.chmod(dest, member.mode & 0o7777)
         return
     parent = _parent_dir(dest, rel)
     name = rel.name
@@ -113,7 +117,10 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -
         os.setxattr(parent, "trusted.overlay.opaque", b"y")
         return
     if name.startswith(WHITEOUT_PREFIX):
-        hidden = parent / name[len(WHITEOUT_PREFIX) :]
+        hidden_name = name[len(WHITEOUT_PREFIX) :]
+        if hidden_name in ("", ".", "..") or "/" in hidden_name:
+            raise UnsafeLayer(f"layer member {member.name!r} is not a whiteout of a name in its directory")
+        hidden = parent / hidden_name
         _clear(hidden, keep_dir=False)
         os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         return
@@ -174,7 +181,8 @@ class LayerStore:
                 return target
             tmp = self.directory / f".tmp-{target.name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(mode=0o755)
+            tmp.mkdir()
+            os.chmod(tmp, 0o755)  # a layer's root; its own "./" entry may say otherwise
             try:
                 extract(self.images.blob_path(digest), tmp)
                 os.rename(tmp, target)
@@ -191,7 +199,8 @@ class LayerStore:
         if len(options) > _MAX_MOUNT_DATA:
             raise FailedPrecondition(f"image {image.id} has too many layers for one overlay mount")
         for d in ("upper", "work", "rootfs"):
-            (base / d).mkdir(parents=True, exist_ok=True, mode=0o755)
+            (base / d).mkdir(parents=True, exist_ok=True)
+            os.chmod(base / d, 0o755)  # the upper dir is the container's "/": not the umask's 0700
         rootfs = base / "rootfs"
         if _libc.mount(b"overlay", bytes(rootfs), b"overlay", 0, options.encode()) != 0:
             err = ctypes.get_errno()

@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import platform
 import re
 import ssl
 import urllib.error
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shim.errors import DataLoss, NotFound, Unauthenticated, Unavailable
+from shim.images.reference import DIGEST
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,18 @@ class RegistryClient:
         realm = fields.get("realm")
         if not realm:
             raise Unauthenticated(f"registry {self.host}: bearer challenge without a realm")
+        realm_url = urllib.parse.urlsplit(realm)
+        if realm_url.scheme not in ("http", "https") or not realm_url.netloc:
+            raise Unauthenticated(f"registry {self.host}: token realm {realm[:100]!r} is not an http(s) URL")
+        sends_secret = bool(c.identity_token or c.username)
+        if (
+            sends_secret
+            and realm_url.scheme == "http"
+            and not (self.base.startswith("http://") or is_loopback(realm_url.netloc))
+        ):
+            raise Unauthenticated(
+                f"registry {self.host}: refusing to send credentials to {realm} over plain HTTP"
+            )
         query = {
             "service": fields.get("service", ""),
             "scope": fields.get("scope") or f"repository:{self.repository}:pull",
@@ -147,13 +161,14 @@ class RegistryClient:
             basic = base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
             token_request.add_header("Authorization", f"Basic {basic}")
         try:
-            with urllib.request.urlopen(token_request, timeout=TIMEOUT) as response:
+            # Through our opener: the endpoint's TLS settings, no credentials across redirects.
+            with self._opener.open(token_request, timeout=TIMEOUT) as response:
                 answer = json.loads(response.read(MAX_MANIFEST))
         except urllib.error.HTTPError as err:
             raise Unauthenticated(f"token server {realm} refused ({err.code})") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise Unavailable(f"token server {realm}: {err}") from None
-        token = answer.get("token") or answer.get("access_token")
+        token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
         if not token:
             raise Unauthenticated(f"token server {realm} gave no token")
         return f"Bearer {token}"
@@ -179,10 +194,37 @@ class RegistryClient:
         return self._open(f"{self.base}/blobs/{digest}", {})
 
 
-def choose_platform(index: dict[str, Any], os_name: str = "linux", arch: str = "amd64") -> str:
-    """The digest of the index entry for this node's platform."""
-    for entry in index.get("manifests", []):
-        platform = entry.get("platform", {})
-        if platform.get("os") == os_name and platform.get("architecture") == arch:
-            return str(entry["digest"])
-    raise NotFound(f"no {os_name}/{arch} image in the index")
+_ARCHES = {
+    "x86_64": ("amd64", ""),
+    "aarch64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+}
+
+
+def node_platform() -> tuple[str, str]:
+    """This node's (architecture, variant) in OCI terms."""
+    machine = platform.machine()
+    return _ARCHES.get(machine, (machine, ""))
+
+
+def choose_platform(index: dict[str, Any]) -> str:
+    """The digest of the index entry for this node's platform (a matching variant
+    first, then any entry of the architecture)."""
+    arch, variant = node_platform()
+    candidates = [
+        e
+        for e in index.get("manifests", [])
+        if isinstance(e, dict)
+        and isinstance(e.get("platform"), dict)
+        and e["platform"].get("os") == "linux"
+        and e["platform"].get("architecture") == arch
+    ]
+    candidates.sort(key=lambda e: e["platform"].get("variant", "") != variant)
+    for entry in candidates:
+        digest = str(entry.get("digest", ""))
+        if DIGEST.match(digest):
+            return digest
+    raise NotFound(f"no linux/{arch} image in the index")

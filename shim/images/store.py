@@ -11,13 +11,16 @@ is deleted when its last image is removed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -117,19 +120,42 @@ class ImageRecord:
 
 
 class ImageStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: bool = True) -> None:
+        """owner: this is the daemon (not `pyshim images import`): it cleans up at start."""
         self.root = root
         self.blob_dir = root / "blobs" / "sha256"
         self.record_dir = root / "records"
         self.tmp_dir = root / "tmp"
-        for d in (self.blob_dir, self.record_dir):
+        for d in (self.blob_dir, self.record_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # downloads a crash interrupted
-        self.tmp_dir.mkdir(mode=0o700)
         self._lock = threading.Lock()
+        self._lockfile = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._images: dict[str, ImageRecord] = {}
+        self._pins: collections.Counter[str] = collections.Counter()
         self._seen_mtime = -1
-        self._load()
+        with self._locked():
+            self._load()
+            if owner:
+                self._sweep()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads and other processes (an import) change records one at a time."""
+        with self._lock:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+
+    def _sweep(self) -> None:
+        """Downloads a crash interrupted, and blobs no image uses (a failed pull's)."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(mode=0o700)
+        used = {d.removeprefix("sha256:") for r in self._images.values() for d in r.blobs}
+        for path in self.blob_dir.iterdir():
+            if path.name not in used:
+                path.unlink(missing_ok=True)
 
     def _refresh(self) -> None:
         """Reload when another process (`pyshim images import`) changed the records."""
@@ -215,9 +241,29 @@ class ImageStore:
             self._refresh()
             return self._images.get(image_id)
 
+    def pin(self, digest: str) -> None:
+        """Keep a blob from being deleted while a pull that needs it is running."""
+        with self._lock:
+            self._pins[digest] += 1
+
+    def unpin(self, digests: list[str], drop_unused: bool) -> None:
+        """Release pins; with drop_unused (a failed pull), delete those blobs no image uses."""
+        with self._locked():
+            for digest in digests:
+                self._pins[digest] -= 1
+                if self._pins[digest] <= 0:
+                    del self._pins[digest]
+            if drop_unused:
+                used = set().union(*(r.blobs for r in self._images.values())) if self._images else set()
+                for digest in set(digests) - used - set(self._pins):
+                    self.blob_path(digest).unlink(missing_ok=True)
+
     def commit(self, record: ImageRecord) -> ImageRecord:
         """Add or merge an image; its tags move here from any other image."""
-        with self._lock:
+        missing = [d for d in record.blobs if not self.has_blob(d)]
+        if missing:
+            raise DataLoss(f"image {record.id}: blob {missing[0]} vanished before the image was recorded")
+        with self._locked():
             self._refresh()
             existing = self._images.get(record.id)
             if existing is not None:
@@ -236,7 +282,7 @@ class ImageStore:
             return record
 
     def untag(self, image_id: str, tag: str) -> None:
-        with self._lock:
+        with self._locked():
             self._refresh()
             record = self._images.get(image_id)
             if record is not None:
@@ -244,7 +290,7 @@ class ImageStore:
 
     def delete(self, image_id: str) -> None:
         """Drop the record and every blob no other image uses."""
-        with self._lock:
+        with self._locked():
             self._refresh()
             record = self._images.pop(image_id, None)
             if record is None:
@@ -252,7 +298,7 @@ class ImageStore:
             (self.record_dir / f"{image_id.removeprefix('sha256:')}.json").unlink(missing_ok=True)
             self._seen_mtime = self.record_dir.stat().st_mtime_ns
             still_used = set().union(*(r.blobs for r in self._images.values())) if self._images else set()
-            for digest in record.blobs - still_used:
+            for digest in record.blobs - still_used - set(self._pins):
                 self.blob_path(digest).unlink(missing_ok=True)
 
     def _save(self, record: ImageRecord) -> None:
