@@ -215,17 +215,27 @@ class Daemon:
         a broken daemon may have left (only what lives under this test's dirs)."""
         ids = {p.stem for p in (self.root / "sandboxes").glob("*.json")}
         ids |= {p.name for p in (self.run_root / "sandboxes").glob("*")}
-        if self.proc is not None and self.proc.poll() is None and self.channel is not None:
-            with contextlib.suppress(grpc.RpcError):
+        try:
+            if self.proc is not None and self.proc.poll() is None and self.channel is not None:
                 for pod in self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items:
                     self.runtime.RemovePodSandbox(
                         api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30
                     )
-        if self.proc is not None and self.proc.poll() is None:
-            self.terminate()
+        except Exception as exc:  # the daemon still stops and the sweep below still runs
+            print(f"cleanup: removing pods through the API failed: {exc!r}")
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.terminate()
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         for pid in pause_pids():
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
             if any(i.encode() in argv for i in ids):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -251,8 +261,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[type[Daemon]]:
         return d.start() if start else d
 
     yield make  # type: ignore[misc]
+    errors = []
     for d in made:
-        d.cleanup()
+        try:
+            d.cleanup()
+        except Exception as exc:  # clean up the other daemons all the same
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
