@@ -210,3 +210,20 @@ def test_pause_refuses_orders_that_would_change_the_host() -> None:
         assert ours.recv(128).startswith(b"error ")
         ours.close()
         assert proc.wait(timeout=10) != 0
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_module_and_the_pause(tmp_path: Path) -> None:
+    """What `pip install .` (scripts/serve) installs, not the editable tree the tests use."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("pyshim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "shim").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
+    assert "shim/pause/pyshim-pause" in names
