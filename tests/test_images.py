@@ -340,3 +340,35 @@ def test_failed_pull_leaves_no_blobs(daemon: Daemon, registry: Registry, tmp_pat
     with pytest.raises(grpc.RpcError):
         pull(daemon, f"{registry.host}/library/half:h")
     assert blobs(daemon) == set() and listed(daemon) == []
+
+
+def test_a_mirror_failing_midway_hands_over_to_the_upstream(
+    daemon_factory: type[Daemon], registry: Registry, image: dict[str, str], tmp_path: Path
+) -> None:
+    mirror = start_registry(tmp_path / "mirror")
+    try:
+        layout = tmp_path / "layout-m"
+        oci_layout(
+            layout,
+            "1.0",
+            [
+                layer_tar({"bin/": None, "bin/hello": b"#!/bin/sh\necho hi\n"}),
+                layer_tar({"etc/motd": b"hi\n"}),
+            ],
+        )
+        push(layout, "1.0", mirror, "library/test")
+        for path in (mirror.log.parent / "storage").rglob("data"):
+            if path.read_bytes()[:2] == b"\x1f\x8b":  # the mirror's layers go bad
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                path.write_bytes(bytes(data))
+        d = daemon_factory(start=False)  # type: ignore[call-arg]
+        host_dir = d.base / "certs.d" / registry.host
+        host_dir.mkdir(parents=True)
+        (host_dir / "hosts.toml").write_text(f'[host."http://{mirror.host}"]\n')
+        d.start()
+        assert pull(d, image["ref"]) == image["config"]
+        assert "mirror_skipped" in d.log.read_text()
+        assert len(blobs(d)) == 4
+    finally:
+        mirror.stop()

@@ -11,11 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError, Unauthenticated, Unavailable
+from shim.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ShimError,
+    Unauthenticated,
+    Unavailable,
+)
 from shim.images import hosts as hosts_config
-from shim.images.hosts import HostConfig
+from shim.images.hosts import Endpoint, HostConfig
 from shim.images.layers import LayerStore
 from shim.images.reference import DIGEST, Reference, parse
 from shim.images.registry import (
@@ -53,8 +62,44 @@ class Images:
     # ---- pull --------------------------------------------------------------------------
 
     def pull(self, text: str, credentials: Credentials) -> ImageRecord:
+        """From the first endpoint (mirrors in order, then the upstream) that serves
+        the whole image; a mirror that fails midway hands over to the next endpoint,
+        which does not fetch again what was already verified."""
         ref = parse(text)
-        client, (body, media_type, top_digest) = self._resolve(ref, credentials)
+        pinned: list[str] = []
+        errors: list[ShimError] = []
+        record = None
+        try:
+            for endpoint, client in self._clients(ref, credentials):
+                try:
+                    record = self._pull_from(ref, client, pinned)
+                    break
+                except (NotFound, Unavailable, Unauthenticated, DataLoss) as exc:
+                    if not endpoint.mirror:
+                        raise
+                    log.info("event=mirror_skipped mirror=%s ref=%s reason=%r", endpoint.url, ref, str(exc))
+                    errors.append(exc)
+        finally:
+            # A failed pull leaves no blob behind that no image uses.
+            self.store.unpin(pinned, drop_unused=record is None)
+        if record is None:
+            if not errors:
+                raise FailedPrecondition(f"no endpoint to pull {ref} from (skip_upstream and no mirror)")
+            raise errors[-1]
+        log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(record.layers))
+        return record
+
+    def _clients(self, ref: Reference, credentials: Credentials) -> Iterator[tuple[Endpoint, RegistryClient]]:
+        for endpoint in hosts_config.endpoints(ref, self.hosts, self.insecure_hosts):
+            if endpoint.mirror and not ref.digest and not endpoint.can_resolve:
+                continue  # a pull-only mirror may not say what a tag means
+            # The pull's own credentials are for the upstream registry only; a mirror
+            # gets those configured for it.
+            creds = (endpoint.credentials or Credentials()) if endpoint.mirror else credentials
+            yield endpoint, RegistryClient(endpoint.url, ref.repository, creds, endpoint.ssl_context())
+
+    def _pull_from(self, ref: Reference, client: RegistryClient, pinned: list[str]) -> ImageRecord:
+        body, media_type, top_digest = client.manifest(ref.digest or ref.tag)
         if media_type in LISTS:
             chosen = choose_platform(_json(body, "image index"))
             body, media_type, manifest_digest = client.manifest(chosen)
@@ -66,24 +111,13 @@ class Images:
         config_desc, layer_descs = manifest.get("config") or {}, manifest.get("layers") or []
         if not isinstance(layer_descs, list) or len(layer_descs) > MAX_LAYERS:
             raise FailedPrecondition(f"{ref}: the manifest's layers are not a list of at most {MAX_LAYERS}")
-        pinned: list[str] = []
-        ok = False
-        try:
-            config_digest = self._fetch(client, config_desc, MAX_CONFIG, pinned)
-            layers = tuple(self._fetch(client, d, MAX_LAYER, pinned) for d in layer_descs)
-            self.store.pin(manifest_digest)
-            pinned.append(manifest_digest)
-            if not self.store.has_blob(manifest_digest):
-                self.store.put_blob(manifest_digest, body)
-            record = self._record(
-                ref, top_digest, manifest_digest, config_digest, layers, config_desc, layer_descs
-            )
-            ok = True
-        finally:
-            # A failed pull leaves no blob behind that no image uses.
-            self.store.unpin(pinned, drop_unused=not ok)
-        log.info("event=image_pulled image=%s ref=%s layers=%d", record.id, ref, len(record.layers))
-        return record
+        config_digest = self._fetch(client, config_desc, MAX_CONFIG, pinned)
+        layers = tuple(self._fetch(client, d, MAX_LAYER, pinned) for d in layer_descs)
+        self.store.pin(manifest_digest)
+        pinned.append(manifest_digest)
+        if not self.store.has_blob(manifest_digest):
+            self.store.put_blob(manifest_digest, body)
+        return self._record(ref, top_digest, manifest_digest, config_digest, layers, config_desc, layer_descs)
 
     def _record(
         self,
@@ -106,29 +140,6 @@ class Images:
             config=ImageConfig.from_config(config),
         )
         return self.store.commit(record)
-
-    def _resolve(
-        self, ref: Reference, credentials: Credentials
-    ) -> tuple[RegistryClient, tuple[bytes, str, str]]:
-        """The first endpoint (mirrors, then upstream) that serves the manifest."""
-        errors: list[ShimError] = []
-        for endpoint in hosts_config.endpoints(ref, self.hosts, self.insecure_hosts):
-            if endpoint.mirror and not ref.digest and not endpoint.can_resolve:
-                continue  # a pull-only mirror may not say what a tag means
-            # The pull's own credentials are for the upstream registry only; a mirror
-            # gets those configured for it.
-            creds = (endpoint.credentials or Credentials()) if endpoint.mirror else credentials
-            client = RegistryClient(endpoint.url, ref.repository, creds, endpoint.ssl_context())
-            try:
-                return client, client.manifest(ref.digest or ref.tag)
-            except (NotFound, Unavailable, Unauthenticated) as exc:
-                if endpoint.mirror:
-                    log.info("event=mirror_skipped mirror=%s ref=%s reason=%r", endpoint.url, ref, str(exc))
-                errors.append(exc)
-        if not errors:
-            raise FailedPrecondition(f"no endpoint to pull {ref} from (skip_upstream and no mirror)")
-        # The upstream's answer (the last) says the most; else the first mirror's.
-        raise errors[-1]
 
     def _fetch(self, client: RegistryClient, descriptor: Any, limit: int, pinned: list[str]) -> str:
         if not isinstance(descriptor, dict):
