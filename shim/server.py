@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from shim import __version__, cri, validate
 from shim._proto import api_pb2
 from shim.config import Config
-from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError, Unimplemented
 from shim.images import Images
 from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
@@ -245,6 +245,40 @@ class RuntimeService:
             encoded = cri.list_pod_sandbox_response(self.sandboxes.list(ListFilter()))
             self._full_list = (generation, encoded)
         return encoded
+
+    # ---- containers: none exist yet (the container lifecycle is still to come) -------
+    # kubelet relists containers every second and fails every pod's sync if that
+    # errors; answering the truth (no containers) keeps sandbox-only use working.
+
+    @rpc
+    def ListContainers(
+        self, request: api_pb2.ListContainersRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListContainersResponse:
+        return api_pb2.ListContainersResponse()
+
+    @rpc
+    def ContainerStatus(
+        self, request: api_pb2.ContainerStatusRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ContainerStatusResponse:
+        raise NotFound(f"container {request.container_id[:80]!r} not found")
+
+    @rpc
+    def StopContainer(
+        self, request: api_pb2.StopContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.StopContainerResponse:
+        return api_pb2.StopContainerResponse()  # unknown ids succeed, as the CRI asks
+
+    @rpc
+    def RemoveContainer(
+        self, request: api_pb2.RemoveContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.RemoveContainerResponse:
+        return api_pb2.RemoveContainerResponse()
+
+    @rpc
+    def ListContainerStats(
+        self, request: api_pb2.ListContainerStatsRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListContainerStatsResponse:
+        return api_pb2.ListContainerStatsResponse()
 
 
 class ImageService:

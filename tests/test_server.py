@@ -227,3 +227,17 @@ def test_the_wheel_holds_every_module_and_the_pause(tmp_path: Path) -> None:
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "shim").rglob("*.py")}
     assert sources <= names, sorted(sources - names)
     assert "shim/pause/pyshim-pause" in names
+
+
+@pytest.mark.root
+def test_container_calls_kubelet_polls_answer_the_truth(daemon: Daemon) -> None:
+    # No container can exist yet: lists are empty, Status is NOT_FOUND, Stop/Remove succeed.
+    assert list(daemon.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers) == []
+    assert (
+        list(daemon.runtime.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=10).stats) == []
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.ContainerStatus(api_pb2.ContainerStatusRequest(container_id="abc"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    daemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id="abc"), timeout=10)
+    daemon.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id="abc"), timeout=10)
