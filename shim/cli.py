@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pod-subnet", default=DEFAULT_POD_SUBNET, help="IPv4 subnet pods get addresses from")
     serve.add_argument(
+        "--pod-subnet6",
+        default="",
+        help="optional IPv6 subnet: pods also get an address from it (additional_ips)",
+    )
+    serve.add_argument(
         "--nft-table", default=DEFAULT_NFT_TABLE, help="pyshim's own nftables table (ip family)"
     )
     serve.add_argument(
@@ -161,6 +166,7 @@ def _config(args: argparse.Namespace) -> Config:
         grpc_workers=args.grpc_workers,
         bridge_name=args.bridge_name,
         pod_subnet=args.pod_subnet,
+        pod_subnet6=args.pod_subnet6,
         nft_table=args.nft_table,
         ip_forward=args.ip_forward,
         masquerade=args.masquerade,

@@ -38,6 +38,7 @@ class Config:
     # Built-in pod network.
     bridge_name: str = DEFAULT_BRIDGE
     pod_subnet: str = DEFAULT_POD_SUBNET
+    pod_subnet6: str = ""  # optional IPv6 range; empty: IPv4 only
     nft_table: str = DEFAULT_NFT_TABLE
     # Outbound traffic from pods needs forwarding on; tests that stay inside the node turn this off.
     ip_forward: bool = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -312,3 +313,44 @@ def test_unspecified_host_ip_means_any_address(daemon: Daemon) -> None:
     sandbox_id = run_pod(daemon, config)
     (mapping,) = details(daemon, sandbox_id)["network"]["portMappings"]
     assert mapping["host_ip"] == ""
+
+
+ECHO_SERVER6 = ECHO_SERVER.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace(
+    '"0.0.0.0"', '"::"'
+)
+
+
+def test_optional_ipv6_range(daemon_factory: type[Daemon]) -> None:
+    subnet6 = f"fd00:{secrets.token_hex(2)}:{secrets.token_hex(2)}::/64"
+    d = daemon_factory(extra_args=["--pod-subnet6", subnet6])  # type: ignore[call-arg]
+    a, b = run_pod(d), run_pod(d)
+    (ip6_a,) = [x.ip for x in status(d, a).status.network.additional_ips]
+    (ip6_b,) = [x.ip for x in status(d, b).status.network.additional_ips]
+    assert ip6_a != ip6_b and all(
+        ipaddress.ip_address(x) in ipaddress.ip_network(subnet6) for x in (ip6_a, ip6_b)
+    )
+    net_a, net_b = details(d, a)["namespaces"]["net"], details(d, b)["namespaces"]["net"]
+    server = subprocess.Popen(
+        in_netns(net_a, sys.executable, "-c", ECHO_SERVER6, "7008"), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        client = subprocess.run(
+            in_netns(net_b, sys.executable, "-c", ECHO_CLIENT, ip6_a, "7008", "over v6"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert client.stdout.strip() == "over v6"
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+    route = subprocess.run(
+        in_netns(net_b, "ip", "-6", "route"), capture_output=True, text=True, check=True
+    ).stdout
+    assert "default via" in route
+    d.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=a), timeout=30)
+    assert ip6_a not in {p.name for p in (d.run_root / "ipam6").iterdir()}

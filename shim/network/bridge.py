@@ -42,6 +42,8 @@ class BridgeConfig:
     nft_table: str
     ip_forward: bool
     masquerade: bool
+    # Optional second range: each pod also gets an address from it (additional_ips).
+    subnet6: ipaddress.IPv6Network | None = None
 
 
 def veth_name(sandbox_id: str) -> str:
@@ -55,6 +57,11 @@ class BridgeNetwork:
         self.config = config
         self.gateway: ipaddress.IPv4Address = next(config.subnet.hosts())
         self.ipam = Ipam(state_dir, config.subnet, self.gateway)
+        self.gateway6: ipaddress.IPv6Address | None = None
+        self.ipam6: Ipam | None = None
+        if config.subnet6 is not None:
+            self.gateway6 = next(config.subnet6.hosts())
+            self.ipam6 = Ipam(state_dir.with_name(state_dir.name + "6"), config.subnet6, self.gateway6)
         self._ipr = IPRoute()  # node set-up and sweeps: rare, so the comfortable API
         self._ipr_lock = threading.Lock()
         self._host = netlink.open_socket()  # the per-pod hot path: raw requests
@@ -81,6 +88,18 @@ class BridgeNetwork:
         have = {a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(index=index, family=socket.AF_INET)}
         if gateway not in have:
             self._ipr.addr("add", index=index, address=gateway, prefixlen=self.config.subnet.prefixlen)
+        if self.gateway6 is not None and self.config.subnet6 is not None:
+            have6 = {
+                a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(index=index, family=socket.AF_INET6)
+            }
+            if str(self.gateway6) not in have6:
+                self._ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(self.gateway6),
+                    prefixlen=self.config.subnet6.prefixlen,
+                    flags=0x02,  # IFA_F_NODAD: usable at once
+                )
         self._ipr.link("set", index=index, state="up")
         # Host-port DNAT from 127.0.0.1 to a pod leaves through the bridge: allow that there only.
         Path(f"/proc/sys/net/ipv4/conf/{name}/route_localnet").write_text("1")
@@ -213,6 +232,7 @@ class BridgeNetwork:
             "kind": "bridge",
             "bridge": self.config.name,
             "podSubnet": str(self.config.subnet),
+            "podSubnet6": str(self.config.subnet6) if self.config.subnet6 else None,
             "gateway": str(self.gateway),
             "nftTable": self.config.nft_table,
             "addressesInUse": len(self.ipam.allocated()),
@@ -237,11 +257,26 @@ class BridgeNetwork:
         finally:
             os.close(fd)
         interface = ipaddress.IPv4Interface(f"{address}/{self.config.subnet.prefixlen}")
+        addresses: list[
+            tuple[
+                ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+                ipaddress.IPv4Address | ipaddress.IPv6Address,
+            ]
+        ] = [(interface, self.gateway)]
+        extra: tuple[str, ...] = ()
+        if self.ipam6 is not None and self.gateway6 is not None and self.config.subnet6 is not None:
+            address6 = self.ipam6.allocate(sandbox_id)
+            addresses.append(
+                (ipaddress.IPv6Interface(f"{address6}/{self.config.subnet6.prefixlen}"), self.gateway6)
+            )
+            extra = (str(address6),)
         # Asked for index 2, but the kernel may give another (e.g. tunl0 can hold 2 in
         # every new namespace): ask the pod's namespace which one eth0 got.
         index = netlink.link_index(pod_netlink, "eth0")
-        netlink.configure_interface(pod_netlink, index, interface, self.gateway)
-        network = PodNetwork(ip=str(address), host_interface=host_if, port_mappings=ports)
+        netlink.configure_interface(pod_netlink, index, addresses)
+        network = PodNetwork(
+            ip=str(address), additional_ips=extra, host_interface=host_if, port_mappings=ports
+        )
         self._add_ports(network)
         return network
 
@@ -253,6 +288,8 @@ class BridgeNetwork:
         if pod is not None:
             self._remove_ports(pod)
         self.ipam.release(sandbox_id)
+        if self.ipam6 is not None:
+            self.ipam6.release(sandbox_id)
 
     def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
         """The address is recorded in the IPAM; the rest is the kernel's (nothing to ask)."""
@@ -261,6 +298,8 @@ class BridgeNetwork:
         """At start: the records' addresses are claimed (whatever the IPAM files say),
         other addresses freed, veths of sandboxes that no longer exist deleted."""
         self.ipam.reconcile({sandbox_id: pod.ip for sandbox_id, pod in live.items()})
+        if self.ipam6 is not None:
+            self.ipam6.reconcile({i: pod.additional_ips[0] for i, pod in live.items() if pod.additional_ips})
         live_names = {veth_name(i) for i in live}
         with self._ipr_lock:
             for link in self._ipr.get_links():

@@ -108,19 +108,24 @@ def _default_route(index: int, gateway: ipaddress.IPv4Address | ipaddress.IPv6Ad
 def configure_interface(
     sock: socket.socket,
     index: int,
-    interface: ipaddress.IPv4Interface,
-    gateway: ipaddress.IPv4Address,
+    addresses: list[
+        tuple[
+            ipaddress.IPv4Interface | ipaddress.IPv6Interface, ipaddress.IPv4Address | ipaddress.IPv6Address
+        ]
+    ],
 ) -> None:
-    """Address, link up, default route: in one round trip."""
+    """Addresses, link up, a default route per address family: in one round trip."""
     create = NLM_F_CREATE | NLM_F_EXCL
-    batch(
-        sock,
-        [
-            (*_address(index, interface), create, f"adding {interface} in the pod network namespace"),
-            (*_link_up(index), 0, "setting eth0 up in the pod network namespace"),
-            (*_default_route(index, gateway), create, f"adding a default route via {gateway} in the pod"),
-        ],
-    )
+    requests: list[tuple[Any, int, int, str]] = [
+        (*_address(index, interface), create, f"adding {interface} in the pod network namespace")
+        for interface, _ in addresses
+    ]
+    requests.append((*_link_up(index), 0, "setting eth0 up in the pod network namespace"))
+    requests += [
+        (*_default_route(index, gateway), create, f"adding a default route via {gateway} in the pod")
+        for _, gateway in addresses
+    ]
+    batch(sock, requests)
 
 
 def link_index(sock: socket.socket, name: str) -> int:

@@ -45,6 +45,7 @@ class NetworkSelector:
                     nft_table=c.nft_table,
                     ip_forward=c.ip_forward,
                     masquerade=c.masquerade,
+                    subnet6=ipaddress.IPv6Network(c.pod_subnet6) if c.pod_subnet6 else None,
                 ),
                 c.ipam_dir,
             )
