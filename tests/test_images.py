@@ -60,6 +60,28 @@ def blobs(daemon: Daemon) -> set[str]:
     return {p.name for p in (daemon.root / "images" / "blobs" / "sha256").iterdir()}
 
 
+def corrupt_layers(registry: Registry, newest_only: bool = False) -> None:
+    """Flip one byte (same size) in the registry's stored layers (gzip, as skopeo pushes them)."""
+    layers = sorted(
+        (p for p in (registry.log.parent / "storage").rglob("data") if p.read_bytes()[:2] == b"\x1f\x8b"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    assert layers
+    for path in layers[-1:] if newest_only else layers:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def daemon_with_hosts(daemon_factory: type[Daemon], host: str, hosts_toml: str) -> Daemon:
+    """A daemon whose registry config has a hosts.toml for `host`."""
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    host_dir = d.base / "certs.d" / host
+    host_dir.mkdir(parents=True)
+    (host_dir / "hosts.toml").write_text(hosts_toml)
+    return d.start()
+
+
 def test_pull_by_tag_list_status_remove(daemon: Daemon, image: dict[str, str]) -> None:
     image_id = pull(daemon, image["ref"])
     assert image_id == image["config"]
@@ -119,14 +141,7 @@ def test_pull_errors_are_clear_and_leave_nothing(
 
 
 def test_corrupted_blob_is_rejected(daemon: Daemon, registry: Registry, image: dict[str, str]) -> None:
-    storage = Path(str(registry.log.parent)) / "storage"
-    # The pushed layers (gzip, as skopeo sends them): flip one byte of each, same size.
-    layer_files = [p for p in storage.rglob("data") if p.read_bytes()[:2] == b"\x1f\x8b"]
-    assert layer_files
-    for path in layer_files:
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+    corrupt_layers(registry)
     with pytest.raises(grpc.RpcError) as err:
         pull(daemon, image["ref"])
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
@@ -186,14 +201,11 @@ def test_tags_move_and_untag(daemon: Daemon, registry: Registry, tmp_path: Path)
 def test_pull_through_a_mirror_keeps_the_original_name(
     daemon_factory: type[Daemon], registry: Registry, image: dict[str, str], tmp_path: Path
 ) -> None:
-    d = daemon_factory(start=False)  # type: ignore[call-arg]
-    host_dir = d.base / "certs.d" / "registry.example.internal"
-    host_dir.mkdir(parents=True)
     # A dead mirror first, the live one second; never the upstream (it does not exist).
-    (host_dir / "hosts.toml").write_text(
+    hosts = (
         f'skip_upstream = true\n[host."http://127.0.0.1:{free_port()}"]\n[host."http://{registry.host}"]\n'
     )
-    d.start()
+    d = daemon_with_hosts(daemon_factory, "registry.example.internal", hosts)
     ref = "registry.example.internal/library/test:1.0"
     assert pull(d, ref) == image["config"]
     (item,) = listed(d)
@@ -309,13 +321,8 @@ def test_pulled_busybox_image_becomes_a_working_rootfs(
 def test_pull_only_mirror_is_not_asked_for_tags_and_gets_no_pull_secret(
     daemon_factory: type[Daemon], registry: Registry, image: dict[str, str]
 ) -> None:
-    d = daemon_factory(start=False)  # type: ignore[call-arg]
-    host_dir = d.base / "certs.d" / "registry.example.internal"
-    host_dir.mkdir(parents=True)
-    (host_dir / "hosts.toml").write_text(
-        f'skip_upstream = true\n[host."http://{registry.host}"]\n  capabilities = ["pull"]\n'
-    )
-    d.start()
+    hosts = f'skip_upstream = true\n[host."http://{registry.host}"]\n  capabilities = ["pull"]\n'
+    d = daemon_with_hosts(daemon_factory, "registry.example.internal", hosts)
     with pytest.raises(grpc.RpcError) as err:  # a tag needs "resolve": no endpoint left
         pull(d, "registry.example.internal/library/test:1.0")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -329,14 +336,7 @@ def test_failed_pull_leaves_no_blobs(daemon: Daemon, registry: Registry, tmp_pat
     layout = tmp_path / "half"
     oci_layout(layout, "h", [layer_tar({"ok": b"fine"}), layer_tar({"bad": b"will be corrupted"})])
     push(layout, "h", registry, "library/half")
-    storage = registry.log.parent / "storage"
-    gz = sorted(
-        (p for p in storage.rglob("data") if p.read_bytes()[:2] == b"\x1f\x8b"),
-        key=lambda p: p.stat().st_mtime,
-    )
-    data = bytearray(gz[-1].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    gz[-1].write_bytes(bytes(data))
+    corrupt_layers(registry, newest_only=True)  # the second layer: the first lands, then the pull fails
     with pytest.raises(grpc.RpcError):
         pull(daemon, f"{registry.host}/library/half:h")
     assert blobs(daemon) == set() and listed(daemon) == []
@@ -357,16 +357,8 @@ def test_a_mirror_failing_midway_hands_over_to_the_upstream(
             ],
         )
         push(layout, "1.0", mirror, "library/test")
-        for path in (mirror.log.parent / "storage").rglob("data"):
-            if path.read_bytes()[:2] == b"\x1f\x8b":  # the mirror's layers go bad
-                data = bytearray(path.read_bytes())
-                data[len(data) // 2] ^= 0xFF
-                path.write_bytes(bytes(data))
-        d = daemon_factory(start=False)  # type: ignore[call-arg]
-        host_dir = d.base / "certs.d" / registry.host
-        host_dir.mkdir(parents=True)
-        (host_dir / "hosts.toml").write_text(f'[host."http://{mirror.host}"]\n')
-        d.start()
+        corrupt_layers(mirror)  # the mirror's layers go bad
+        d = daemon_with_hosts(daemon_factory, registry.host, f'[host."http://{mirror.host}"]\n')
         assert pull(d, image["ref"]) == image["config"]
         assert "mirror_skipped" in d.log.read_text()
         assert len(blobs(d)) == 4

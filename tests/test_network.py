@@ -48,16 +48,25 @@ def in_netns(netns: str, *argv: str) -> list[str]:
     return ["nsenter", f"--net={netns}", *argv]
 
 
-def echo_between(server_netns: str, server_ip: str, client_netns: str, port: int = 7007) -> str:
+def echo(
+    server_netns: str,
+    server_port: int,
+    connect: tuple[str, int],
+    client_netns: str | None = None,
+    message: str = "hello pod",
+    server_script: str = ECHO_SERVER,
+) -> str:
+    """An echo server in one pod, a client in another pod (or on the node): the reply."""
     server = subprocess.Popen(
-        in_netns(server_netns, sys.executable, "-c", ECHO_SERVER, str(port)),
+        in_netns(server_netns, sys.executable, "-c", server_script, str(server_port)),
         stdout=subprocess.PIPE,
         text=True,
     )
+    client_argv = [sys.executable, "-c", ECHO_CLIENT, connect[0], str(connect[1]), message]
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "listening"
         client = subprocess.run(
-            in_netns(client_netns, sys.executable, "-c", ECHO_CLIENT, server_ip, str(port), "hello pod"),
+            in_netns(client_netns, *client_argv) if client_netns else client_argv,
             capture_output=True,
             text=True,
             timeout=30,
@@ -85,7 +94,7 @@ def test_two_pods_get_distinct_addresses_and_reach_each_other(daemon: Daemon) ->
     subnet = ipaddress.ip_network(daemon.pod_subnet)
     assert ip_a != ip_b and ipaddress.ip_address(ip_a) in subnet and ipaddress.ip_address(ip_b) in subnet
     net_a, net_b = details(daemon, a)["namespaces"]["net"], details(daemon, b)["namespaces"]["net"]
-    assert echo_between(net_a, ip_a, net_b) == "hello pod"
+    assert echo(net_a, 7007, (ip_a, 7007), net_b) == "hello pod"
     route = subprocess.run(in_netns(net_b, "ip", "route"), capture_output=True, text=True, check=True).stdout
     assert f"default via {next(subnet.hosts())} dev eth0" in route
 
@@ -228,24 +237,7 @@ def test_host_port_reaches_the_pod_from_loopback(daemon: Daemon) -> None:
     config.port_mappings.add(protocol=api_pb2.TCP, container_port=8080, host_port=host_port)
     sandbox_id = run_pod(daemon, config)
     net = details(daemon, sandbox_id)["namespaces"]["net"]
-    server = subprocess.Popen(
-        in_netns(net, sys.executable, "-c", ECHO_SERVER, "8080"), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        client = subprocess.run(
-            [sys.executable, "-c", ECHO_CLIENT, "127.0.0.1", str(host_port), "via host port"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        assert client.stdout.strip() == "via host port"
-    finally:
-        server.kill()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+    assert echo(net, 8080, ("127.0.0.1", host_port), message="via host port") == "via host port"
     maps = subprocess.run(
         ["nft", "list", "table", "ip", daemon.nft_table], capture_output=True, text=True
     ).stdout
@@ -330,24 +322,7 @@ def test_optional_ipv6_range(daemon_factory: type[Daemon]) -> None:
         ipaddress.ip_address(x) in ipaddress.ip_network(subnet6) for x in (ip6_a, ip6_b)
     )
     net_a, net_b = details(d, a)["namespaces"]["net"], details(d, b)["namespaces"]["net"]
-    server = subprocess.Popen(
-        in_netns(net_a, sys.executable, "-c", ECHO_SERVER6, "7008"), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        client = subprocess.run(
-            in_netns(net_b, sys.executable, "-c", ECHO_CLIENT, ip6_a, "7008", "over v6"),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        assert client.stdout.strip() == "over v6"
-    finally:
-        server.kill()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+    assert echo(net_a, 7008, (ip6_a, 7008), net_b, "over v6", ECHO_SERVER6) == "over v6"
     route = subprocess.run(
         in_netns(net_b, "ip", "-6", "route"), capture_output=True, text=True, check=True
     ).stdout
