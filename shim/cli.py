@@ -122,10 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--fail-at",
+        action="append",
         default=None,
         metavar="STEP",
-        help="for tests: make every RunPodSandbox fail at STEP (mkdir, spawn, pin, network, save), "
-        "or with crash:STEP kill the daemon there",
+        help="for tests, repeatable: make every call fail at STEP (RunPodSandbox: mkdir, spawn, pin, "
+        "network, save), with crash:STEP kill the daemon there, with undo:STEP make that undo fail",
     )
     images = commands.add_parser("images", help="manage the image store without a registry")
     image_commands = images.add_subparsers(dest="images_command", required=True)
@@ -174,7 +175,7 @@ def _config(args: argparse.Namespace) -> Config:
         cni_bin_dirs=tuple(args.cni_bin_dirs or DEFAULT_CNI_BIN_DIRS),
         insecure_registries=tuple(args.insecure_registries or ()),
         registry_config_dir=args.registry_config_dir.absolute(),
-        fail_at=args.fail_at,
+        fail_at=tuple(args.fail_at or ()),
         log_level=args.log_level,
     )
 

@@ -50,10 +50,10 @@ class Config:
     insecure_registries: tuple[str, ...] = ()
     # containerd-style <dir>/<registry host>/hosts.toml: mirrors, TLS, credentials.
     registry_config_dir: Path = DEFAULT_REGISTRY_CONFIG_DIR
-    # Named step at which RunPodSandbox fails on purpose (failure-injection tests).
-    fail_at: str | None = None
+    # Named steps at which calls fail on purpose (failure-injection tests): STEP raises,
+    # crash:STEP kills the daemon, undo:STEP makes that undo step of a rollback fail.
+    fail_at: tuple[str, ...] = ()
     log_level: str = "info"
-    log_format: str = "text"
 
     @property
     def sandboxes_dir(self) -> Path:

@@ -18,7 +18,7 @@ from shim.errors import InvalidArgument
 from shim.images.registry import Credentials
 from shim.images.store import ImageRecord
 from shim.network import node_address
-from shim.store import NamespaceMode, SandboxRecord, SandboxState
+from shim.sandbox_record import NamespaceMode, SandboxRecord, SandboxState
 
 _STATE: dict[SandboxState, api_pb2.PodSandboxState] = {
     SandboxState.READY: api_pb2.SANDBOX_READY,

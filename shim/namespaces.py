@@ -60,8 +60,3 @@ def unpin(target: Path) -> None:
         if err not in (errno.ENOENT, errno.EINVAL):
             raise Internal(f"unpinning {target}: {os.strerror(err)}")
     target.unlink(missing_ok=True)
-
-
-def inode(path: str | Path) -> int:
-    """The namespace inode a path refers to (a pin or /proc/PID/ns/KIND)."""
-    return os.stat(path).st_ino

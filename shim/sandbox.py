@@ -1,8 +1,9 @@
 """The pod sandbox lifecycle: RunPodSandbox, Stop, Remove, Status, List.
 
 A sandbox is a pyshim-pause process holding fresh namespaces, the pins that
-keep those namespaces at stable paths, and a record on disk. Containers (a
-later layer) join exactly the pinned paths.
+keep those namespaces at stable paths, and a record on disk. Containers join
+exactly the pinned paths; a sandbox's containers are stopped before its pause
+and removed before its record (through the PodContainers hooks).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import socket
 import threading
@@ -18,15 +18,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from shim import namespaces
 from shim.config import Config
-from shim.errors import AlreadyExists, InjectedFailure, Internal, NotFound, ShimError
-from shim.network import NetworkBackend, netlink, node_address
+from shim.errors import AlreadyExists, InjectedFailure, Internal, ShimError
+from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
 from shim.procs import ExitWatcher, TrackedProcess
-from shim.store import ID_RE, SandboxRecord, SandboxState, SandboxStore
+from shim.registry import Registry
+from shim.sandbox_record import SandboxRecord, SandboxState, sandbox_store
+from shim.store import is_id, new_id
 from shim.validate import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,26 @@ _DUPLICATE_WAIT = 240.0
 
 @dataclass(eq=False)
 class Sandbox:
-    """A record plus what only lives in memory: its lock and its pause's pidfd."""
+    """A record plus what only lives in memory: its locks and its pause's pidfd.
+
+    `lock` serialises the calls that change the sandbox (Stop, Remove, container
+    creation) and may be held across slow work; `state_lock` guards only the
+    swap of `record` and is never held across anything slow, so that the exit
+    watcher can always take it."""
 
     record: SandboxRecord
     lock: threading.Lock = field(default_factory=threading.Lock)
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
     pause: TrackedProcess | None = None
     removed: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def reservation(self) -> str:
+        return self.record.metadata.reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +69,24 @@ class ListFilter:
     labels: tuple[tuple[str, str], ...] = ()
 
 
+class PodContainers(Protocol):
+    """What the sandbox lifecycle needs from the containers of a pod."""
+
+    def stop_all(self, sandbox_id: str) -> None:
+        """Stop every container of the pod, each with its own grace period."""
+        ...
+
+    def remove_all(self, sandbox_id: str) -> None: ...
+
+
+class _NoContainers:
+    def stop_all(self, sandbox_id: str) -> None:
+        pass
+
+    def remove_all(self, sandbox_id: str) -> None:
+        pass
+
+
 class SandboxManager:
     def __init__(
         self, config: Config, pause_path: Path, watcher: ExitWatcher, network: NetworkBackend
@@ -59,16 +94,16 @@ class SandboxManager:
         self.config = config
         self.pause_path = pause_path
         self.network = network
-        self.store = SandboxStore(config.sandboxes_dir)
+        self.store = sandbox_store(config.sandboxes_dir)
         self.watcher = watcher
-        self._lock = threading.Lock()  # guards the three maps below
-        self._sandboxes: dict[str, Sandbox] = {}
-        self._names: dict[str, str] = {}  # reservation name -> id
-        self._pending: dict[str, threading.Event] = {}  # names whose Run is in flight
-        # Bumped after every change a list could show; lets callers cache a full list.
-        self.generation = 0
+        self.registry: Registry[Sandbox] = Registry("pod sandbox")
+        self.containers: PodContainers = _NoContainers()
         config.run_sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config.netns_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    @property
+    def generation(self) -> int:
+        return self.registry.generation
 
     # ---- RunPodSandbox -------------------------------------------------------------
 
@@ -80,46 +115,35 @@ class SandboxManager:
         seconds, the caller's deadline).
         """
         name = spec.metadata.reservation
-        event = self._reserve(name, min(wait, _DUPLICATE_WAIT) if wait is not None else _DUPLICATE_WAIT)
-        if isinstance(event, str):
-            return event
+        holder = self.registry.reserve(name, min(wait or _DUPLICATE_WAIT, _DUPLICATE_WAIT))
+        if holder is not None:
+            record = holder.record
+            if record.state is SandboxState.READY:
+                log.info("event=run_duplicate sandbox=%s name=%s", record.id, name)
+                return record.id
+            raise AlreadyExists(
+                f"pod sandbox name {name!r} is taken by NOTREADY sandbox {record.id}; "
+                "remove it first (crictl rmp) or use another attempt number"
+            )
+        sandbox: Sandbox | None = None
         try:
             sandbox = self._create(spec)
         finally:
-            with self._lock:
-                del self._pending[name]
-            event.set()
-        return sandbox.record.id
-
-    def _reserve(self, name: str, wait: float) -> threading.Event | str:
-        deadline = time.monotonic() + wait
-        while True:
-            with self._lock:
-                existing_id = self._names.get(name)
-                existing = self._sandboxes[existing_id].record if existing_id else None
-                pending = self._pending.get(name)
-                if existing is None and pending is None:
-                    event = threading.Event()
-                    self._pending[name] = event
-                    return event
-            if existing is not None:
-                if existing.state is SandboxState.READY:
-                    log.info("event=run_duplicate sandbox=%s name=%s", existing.id, name)
-                    return existing.id
-                raise AlreadyExists(
-                    f"pod sandbox name {name!r} is taken by NOTREADY sandbox {existing.id}; "
-                    "remove it first (crictl rmp) or use another attempt number"
-                )
-            assert pending is not None
-            if not pending.wait(max(deadline - time.monotonic(), 0)):
-                raise AlreadyExists(f"pod sandbox name {name!r} is still being created by another request")
+            if sandbox is None:
+                self.registry.release(name)
+            else:
+                self.registry.commit(name, sandbox)
+        self._watch(sandbox)
+        return sandbox.id
 
     def _create(self, spec: SandboxSpec) -> Sandbox:
-        sandbox_id = secrets.token_hex(32)
+        """A READY sandbox; on failure nothing is left, or (if an undo failed) a
+        NOTREADY sandbox holding what is left, which is returned after raising."""
+        sandbox_id = new_id()
         # The run dir is the intent marker: if the daemon dies before the record is
-        # written, or an undo step fails, the start-up sweep finds it and finishes the job.
+        # written, the start-up sweep finds it and finishes the job.
         run_dir = self.config.run_sandboxes_dir / sandbox_id
-        rollback = _Rollback(sandbox_id)
+        made = _Made(sandbox_id, self.config.fail_at)
         try:
             run_dir.mkdir(mode=0o700)
             (run_dir / "ns").mkdir()
@@ -127,77 +151,114 @@ class SandboxManager:
 
             spawned = spawn(self.pause_path, self._orders(sandbox_id, spec), self.config.pause_start_timeout)
             if spawned.netlink is not None:
-                rollback.add(spawned.netlink.close)
-            pause = self._track(sandbox_id, spawned)
+                made.undo("close_netlink", spawned.netlink.close)
+            made.pause = self._track(sandbox_id, spawned)
             # Not watched before the record is committed: until then the pause stays our
             # unreaped child, so its pid cannot be reused under the pins below.
-            rollback.add(pause.kill_and_reap)
+            made.undo("kill_pause", made.drop_pause)
             for warning in spawned.warnings:
                 log.info("event=pause_warning sandbox=%s detail=%r", sandbox_id, warning)
             self._inject("spawn")
 
-            paths = self._pin_all(sandbox_id, spawned, spec, rollback)
+            self._pin_all(spawned, spec, made)
             self._inject("pin")
-            pod_network = None
-            if spawned.netlink is not None:
-                netlink.link_up(spawned.netlink)
-                # Registered first: a setup that fails midway may have taken an address.
-                net = paths["net"]
-                rollback.add(self.network.teardown, sandbox_id, None, net, spec.metadata)
-                pod_network = self.network.setup(
-                    sandbox_id, net, spawned.netlink, spec.port_mappings, spec.metadata
-                )
-                rollback.add(self.network.teardown, sandbox_id, pod_network, net, spec.metadata)
-                spawned.netlink.close()
+            pod_network = self._setup_network(spawned, spec, made)
             self._inject("network")
             hostname = spec.hostname or (socket.gethostname() if pod_network is None else "")
             files = write_pod_files(
                 run_dir, hostname, pod_network.ip if pod_network else node_address(), spec.dns
             )
-
-            record = SandboxRecord(
-                id=sandbox_id,
-                metadata=spec.metadata,
-                state=SandboxState.READY,
-                created_at=time.time_ns(),
-                modes=spec.modes,
-                runtime_handler=spec.runtime_handler,
-                hostname=spec.hostname,
-                log_directory=spec.log_directory,
-                labels=spec.labels,
-                annotations=spec.annotations,
-                pause=spawned.identity,
-                namespaces=namespaces.NamespacePaths.of(paths),
-                network=pod_network,
-                files=files,
-                config=spec.config,
-            )
+            record = self._record(sandbox_id, spec, spawned, made, pod_network, files)
             self._inject("save")
-            rollback.add(self.store.delete, sandbox_id)
+            made.undo("delete_record", self.store.delete, sandbox_id)
             self.store.save(record)
         except BaseException:
-            if rollback.run():
+            if made.rollback():
                 shutil.rmtree(run_dir, ignore_errors=True)
-            else:
-                log.error(
-                    "event=rollback_incomplete sandbox=%s detail=left for the start-up sweep", sandbox_id
-                )
+                raise
+            self._keep_remains(spec, made)
             raise
-        sandbox = Sandbox(record=record, pause=pause)
-        with self._lock:
-            self._sandboxes[sandbox_id] = sandbox
-            self._names[spec.metadata.reservation] = sandbox_id
-            self.generation += 1
-        # An exit that already happened shows as a readable pidfd: seen at once.
-        self.watcher.watch(pause, lambda _: self._on_pause_exit(sandbox_id))
         log.info(
             "event=sandbox_ready sandbox=%s name=%s pid=%d namespaces=%s",
             sandbox_id,
             spec.metadata.reservation,
             spawned.identity.pid,
-            ",".join(sorted(paths)),
+            ",".join(sorted(made.pins)),
         )
-        return sandbox
+        return Sandbox(record=record, pause=made.pause)
+
+    def _setup_network(self, spawned: SpawnedPause, spec: SandboxSpec, made: _Made) -> PodNetwork | None:
+        if spawned.netlink is None:
+            return None
+        netlink.link_up(spawned.netlink)
+        net = made.pins["net"]
+        # Registered before setup: a setup that fails midway may have taken an address.
+        made.network = PodNetwork(ip="", backend=self.network.kind())
+        made.undo("network", made.drop_network, self.network, spec)
+        pod_network = self.network.setup(
+            made.sandbox_id, net, spawned.netlink, spec.port_mappings, spec.metadata
+        )
+        made.network = pod_network
+        spawned.netlink.close()
+        return pod_network
+
+    def _record(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        spawned: SpawnedPause,
+        made: _Made,
+        pod_network: PodNetwork | None,
+        files: dict[str, str],
+    ) -> SandboxRecord:
+        return SandboxRecord(
+            id=sandbox_id,
+            metadata=spec.metadata,
+            state=SandboxState.READY,
+            created_at=time.time_ns(),
+            modes=spec.modes,
+            runtime_handler=spec.runtime_handler,
+            hostname=spec.hostname,
+            log_directory=spec.log_directory,
+            labels=spec.labels,
+            annotations=spec.annotations,
+            pause=spawned.identity,
+            namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
+            network=pod_network,
+            files=files,
+            config=spec.config,
+        )
+
+    def _keep_remains(self, spec: SandboxSpec, made: _Made) -> None:
+        """An undo failed: what is left stays known as a NOTREADY sandbox that Stop
+        and Remove can finish (its name stays taken until then)."""
+        record = SandboxRecord(
+            id=made.sandbox_id,
+            metadata=spec.metadata,
+            state=SandboxState.NOTREADY,
+            created_at=time.time_ns(),
+            modes=spec.modes,
+            runtime_handler=spec.runtime_handler,
+            hostname=spec.hostname,
+            log_directory=spec.log_directory,
+            labels=spec.labels,
+            annotations=spec.annotations,
+            pause=made.pause.identity if made.pause else None,
+            namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
+            network=made.network,
+            config=spec.config,
+        )
+        try:
+            self.store.save(record)
+        except OSError:
+            log.exception("event=remains_unrecorded sandbox=%s detail=left for the start-up sweep", record.id)
+            return
+        sandbox = Sandbox(record=record, pause=made.pause)
+        self.registry.commit(spec.metadata.reservation, sandbox)
+        self._watch(sandbox)
+        log.error(
+            "event=rollback_incomplete sandbox=%s state=NOTREADY detail=Stop or Remove finishes it", record.id
+        )
 
     def _orders(self, sandbox_id: str, spec: SandboxSpec) -> PauseOrders:
         return PauseOrders(
@@ -217,16 +278,12 @@ class SandboxManager:
             raise Internal(f"pause of sandbox {sandbox_id} (pid {spawned.identity.pid}) exited at start")
         return proc
 
-    def _pin_all(
-        self, sandbox_id: str, spawned: SpawnedPause, spec: SandboxSpec, rollback: _Rollback
-    ) -> dict[str, str]:
-        paths: dict[str, str] = {}
+    def _pin_all(self, spawned: SpawnedPause, spec: SandboxSpec, made: _Made) -> None:
         for kind in sorted(spec.namespaces):
-            target = self._pin_path(sandbox_id, kind)
+            target = self._pin_path(made.sandbox_id, kind)
             namespaces.pin(spawned.identity.pid, kind, target)
-            rollback.add(namespaces.unpin, target)
-            paths[kind] = str(target)
-        return paths
+            made.pins[kind] = str(target)
+            made.undo("unpin", made.drop_pin, kind)
 
     def _pin_path(self, sandbox_id: str, kind: str) -> Path:
         if kind == "net":
@@ -234,18 +291,14 @@ class SandboxManager:
         return self.config.run_sandboxes_dir / sandbox_id / "ns" / kind
 
     def _inject(self, step: str) -> None:
-        """Failure injection for tests: STEP raises, crash:STEP kills the daemon outright."""
-        if self.config.fail_at == step:
-            raise InjectedFailure(f"failure injected at step {step!r} (--fail-at)")
-        if self.config.fail_at == f"crash:{step}":
-            log.error("event=injected_crash step=%s", step)
-            os._exit(70)
+        inject(self.config.fail_at, step)
 
     # ---- StopPodSandbox / RemovePodSandbox ----------------------------------------
 
     def stop(self, sandbox_id: str) -> None:
-        """Kill the pause and release its namespaces. Unknown ids and repeats succeed."""
-        sandbox = self._find(sandbox_id, missing_ok=True)
+        """Stop the pod's containers, then kill the pause and release its namespaces
+        and network. Unknown ids and repeats succeed."""
+        sandbox = self.registry.find(sandbox_id)
         if sandbox is None:
             return
         with sandbox.lock:
@@ -253,6 +306,9 @@ class SandboxManager:
                 self._stop_locked(sandbox)
 
     def _stop_locked(self, sandbox: Sandbox) -> None:
+        # First: in a POD pid namespace the pause's death kills every container at
+        # once, and each container is owed its own grace period.
+        self.containers.stop_all(sandbox.id)
         record = sandbox.record
         if (
             record.state is SandboxState.NOTREADY
@@ -261,13 +317,13 @@ class SandboxManager:
             and not record.namespaces.paths
         ):
             return  # stopped before: nothing is left to release
-        pause = sandbox.pause
+        pause, sandbox.pause = sandbox.pause, None  # first: its exit is then Stop's, not news
         if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
+            sandbox.pause = pause
             raise Internal(
                 f"pause of sandbox {record.id} (pid {pause.identity.pid}) did not exit after SIGKILL"
             )
-        sandbox.pause = None
-        stopped = replace(record, state=SandboxState.NOTREADY, pause=None)
+        network_gone = pins_gone = False
         try:
             if record.network is not None:
                 # While the namespace is still pinned: CNI plugins clean up inside it. The
@@ -275,90 +331,70 @@ class SandboxManager:
                 # the pin is (the pause is dead), and addresses are handed out round-robin.
                 net = record.namespaces.get("net") or ""
                 self.network.teardown(record.id, record.network, net, record.metadata)
-                stopped = replace(stopped, network=None)
+                network_gone = True
             for path in record.namespaces.as_dict().values():
                 namespaces.unpin(Path(path))
-        except ShimError:
-            # The pause is gone whatever happens next: say so, keep the pins for a retry.
-            self._publish(sandbox, stopped)
-            raise
-        self._publish(sandbox, replace(stopped, namespaces=namespaces.NamespacePaths()))
+            pins_gone = True
+        finally:
+            # One write, also after a partial failure: what is left stays recorded for a retry.
+            self._update(sandbox, lambda r: _stopped(r, network_gone, pins_gone))
         log.info("event=sandbox_stopped sandbox=%s", record.id)
 
     def remove(self, sandbox_id: str) -> None:
-        """Stop if needed, then delete every trace. Unknown ids and repeats succeed."""
-        sandbox = self._find(sandbox_id, missing_ok=True)
+        """Stop if needed, remove the pod's containers, then delete every trace.
+        Unknown ids and repeats succeed."""
+        sandbox = self.registry.find(sandbox_id)
         if sandbox is None:
             return
         with sandbox.lock:
             if sandbox.removed:
                 return
             self._stop_locked(sandbox)
-            shutil.rmtree(self.config.run_sandboxes_dir / sandbox.record.id, ignore_errors=True)
-            self.store.delete(sandbox.record.id)
+            self.containers.remove_all(sandbox.id)
+            shutil.rmtree(self.config.run_sandboxes_dir / sandbox.id, ignore_errors=True)
+            self.store.delete(sandbox.id)
             sandbox.removed = True
-        with self._lock:
-            self._sandboxes.pop(sandbox.record.id, None)
-            self.generation += 1
-            if self._names.get(sandbox.record.metadata.reservation) == sandbox.record.id:
-                del self._names[sandbox.record.metadata.reservation]
-        log.info("event=sandbox_removed sandbox=%s", sandbox.record.id)
+        self.registry.discard(sandbox)
+        log.info("event=sandbox_removed sandbox=%s", sandbox.id)
 
-    def _publish(self, sandbox: Sandbox, record: SandboxRecord) -> None:
-        """Persist a changed record, then show it (caller holds sandbox.lock)."""
-        self.store.save(record)
-        sandbox.record = record
-        with self._lock:
-            self.generation += 1
-
-    def _on_pause_exit(self, sandbox_id: str) -> None:
-        """A pause died outside of Stop: the sandbox is NOTREADY; pins stay for Stop."""
-        with self._lock:
-            sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None:
-            return
-        with sandbox.lock:
-            if sandbox.removed or sandbox.record.state is not SandboxState.READY or sandbox.pause is None:
+    def _update(self, sandbox: Sandbox, change: Callable[[SandboxRecord], SandboxRecord]) -> None:
+        """Apply a change to the latest record, persist it, then show it (nothing is
+        written if the change returns the record as it is)."""
+        with sandbox.state_lock:
+            record = change(sandbox.record)
+            if record is sandbox.record:
                 return
+            self.store.save(record)
+            sandbox.record = record
+        self.registry.changed()
+
+    def _watch(self, sandbox: Sandbox) -> None:
+        pause = sandbox.pause
+        if pause is not None:
+            # An exit that already happened shows as a readable pidfd: seen at once.
+            self.watcher.watch(pause, lambda proc: self._on_pause_exit(sandbox, proc))
+
+    def _on_pause_exit(self, sandbox: Sandbox, pause: TrackedProcess) -> None:
+        """A pause died outside of Stop: the sandbox is NOTREADY; pins stay for Stop.
+        Runs on the exit watcher, so it takes only the short state lock."""
+        with sandbox.state_lock:
+            if sandbox.removed or sandbox.pause is not pause:
+                return  # Stop killed it, and says so itself
             sandbox.pause = None
-            self._publish(sandbox, replace(sandbox.record, state=SandboxState.NOTREADY, pause=None))
-        log.warning("event=pause_exited sandbox=%s state=NOTREADY", sandbox_id)
+        self._update(sandbox, lambda r: replace(r, state=SandboxState.NOTREADY, pause=None))
+        log.warning("event=pause_exited sandbox=%s state=NOTREADY", sandbox.id)
 
     # ---- PodSandboxStatus / ListPodSandbox ----------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxRecord:
-        sandbox = self._find(sandbox_id, missing_ok=False)
-        assert sandbox is not None
-        return sandbox.record
+        return self.registry.get(sandbox_id).record
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        return self.registry.find(sandbox_id)
 
     def list(self, flt: ListFilter) -> list[SandboxRecord]:
-        with self._lock:
-            if flt.id_prefix:
-                exact = self._sandboxes.get(flt.id_prefix)
-                candidates = (
-                    [exact]
-                    if exact
-                    else [s for i, s in self._sandboxes.items() if i.startswith(flt.id_prefix)]
-                )
-            else:
-                candidates = list(self._sandboxes.values())
-        records = [s.record for s in candidates]
+        records = [s.record for s in self.registry.entries(flt.id_prefix)]
         return sorted((r for r in records if _matches(r, flt)), key=lambda r: r.created_at, reverse=True)
-
-    def _find(self, sandbox_id: str, missing_ok: bool) -> Sandbox | None:
-        """A sandbox by full id or unique prefix."""
-        with self._lock:
-            found = self._sandboxes.get(sandbox_id)
-            if found is None and sandbox_id:
-                matches = [s for i, s in self._sandboxes.items() if i.startswith(sandbox_id)]
-                if len(matches) > 1:
-                    raise NotFound(
-                        f"pod sandbox id prefix {sandbox_id!r} is ambiguous ({len(matches)} matches)"
-                    )
-                found = matches[0] if matches else None
-        if found is None and not missing_ok:
-            raise NotFound(f"pod sandbox {sandbox_id!r} not found")
-        return found
 
     # ---- start-up --------------------------------------------------------------------
 
@@ -372,12 +408,12 @@ class SandboxManager:
         self.network.reconcile({r.id: r.network for r in with_network if r.network is not None})
         self.network.sync_ports([r.network for r in with_network if r.network is not None])
         self._check_networks()
-        ready = sum(1 for r in records if self._sandboxes[r.id].record.state is SandboxState.READY)
+        ready = sum(1 for s in self.registry.entries() if s.record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
 
     def _check_networks(self) -> None:
         """After a restart, ask the network (CNI CHECK) whether READY pods still have theirs."""
-        for sandbox in list(self._sandboxes.values()):
+        for sandbox in self.registry.entries():
             record = sandbox.record
             net = record.namespaces.get("net")
             if record.state is not SandboxState.READY or record.network is None or net is None:
@@ -394,20 +430,18 @@ class SandboxManager:
             self.store.save(record)
             log.warning("event=pause_gone sandbox=%s state=NOTREADY", record.id)
         sandbox = Sandbox(record=record, pause=pause)
-        self._sandboxes[record.id] = sandbox
-        self._names.setdefault(record.metadata.reservation, record.id)
-        if pause is not None:
-            self.watcher.watch(pause, lambda _: self._on_pause_exit(record.id))
+        self.registry.adopt(sandbox)
+        self._watch(sandbox)
 
     def _sweep_unrecorded(self) -> None:
-        """Run dirs and net pins without a record file are Runs the daemon died in
-        (or whose undo failed): undo them. A record that exists but could not be
-        loaded protects its sandbox: it is never swept."""
-        recorded = {p.stem for p in self.config.sandboxes_dir.glob("*.json")}
+        """Run dirs and net pins without a record file are Runs the daemon died in:
+        undo them. A record that exists but could not be loaded protects its
+        sandbox: it is never swept."""
+        recorded = self.store.ids()
         found = {p.name for p in self.config.run_sandboxes_dir.iterdir()}
         found |= {p.name.removeprefix("pyshim-") for p in self.config.netns_dir.glob("pyshim-*")}
         for sandbox_id in sorted(found - recorded):
-            if not ID_RE.match(sandbox_id):
+            if not is_id(sandbox_id):
                 continue
             run_dir = self.config.run_sandboxes_dir / sandbox_id
             for pid in pauses_of(sandbox_id):
@@ -421,30 +455,67 @@ class SandboxManager:
             shutil.rmtree(run_dir, ignore_errors=True)
             log.warning("event=swept_half_made sandbox=%s", sandbox_id)
 
-    def close(self) -> None:
-        """Drop pidfds; pauses keep running (a daemon restart must not stop pods)."""
+
+def inject(fail_at: tuple[str, ...], step: str) -> None:
+    """Failure injection for tests: STEP raises, crash:STEP kills the daemon outright."""
+    if step in fail_at:
+        raise InjectedFailure(f"failure injected at step {step!r} (--fail-at)")
+    if f"crash:{step}" in fail_at:
+        log.error("event=injected_crash step=%s", step)
+        os._exit(70)
 
 
-class _Rollback:
-    """Undo steps of a half-made sandbox, run newest first. Every step runs even if
-    one fails; a failure is logged and makes run() return False."""
+class _Made:
+    """What a RunPodSandbox in flight has made so far, and the undo of each piece,
+    run newest first. Every undo runs even if one fails; an undo that succeeds
+    forgets its piece, so after a failed rollback what is left is exactly what the
+    remaining fields name."""
 
-    def __init__(self, sandbox_id: str) -> None:
+    def __init__(self, sandbox_id: str, fail_at: tuple[str, ...]) -> None:
         self.sandbox_id = sandbox_id
-        self._steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self.fail_at = fail_at
+        self.pause: TrackedProcess | None = None
+        self.pins: dict[str, str] = {}
+        self.network: PodNetwork | None = None
+        self._steps: list[tuple[str, Callable[..., object], tuple[object, ...]]] = []
 
-    def add(self, step: Callable[..., object], *args: object) -> None:
-        self._steps.append((step, args))
+    def undo(self, name: str, step: Callable[..., object], *args: object) -> None:
+        self._steps.append((name, step, args))
 
-    def run(self) -> bool:
+    def drop_pause(self) -> None:
+        if self.pause is not None:
+            self.pause.kill_and_reap()
+            self.pause = None
+
+    def drop_pin(self, kind: str) -> None:
+        namespaces.unpin(Path(self.pins[kind]))
+        del self.pins[kind]
+
+    def drop_network(self, network: NetworkBackend, spec: SandboxSpec) -> None:
+        pod = self.network if self.network is not None and self.network.ip else None
+        network.teardown(self.sandbox_id, pod, self.pins.get("net", ""), spec.metadata)
+        self.network = None
+
+    def rollback(self) -> bool:
         clean = True
-        for step, args in reversed(self._steps):
+        for name, step, args in reversed(self._steps):
             try:
+                inject(self.fail_at, f"undo:{name}")
                 step(*args)
             except Exception:
-                log.exception("event=undo_failed sandbox=%s step=%s", self.sandbox_id, step.__qualname__)
+                log.exception("event=undo_failed sandbox=%s step=%s", self.sandbox_id, name)
                 clean = False
         return clean
+
+
+def _stopped(record: SandboxRecord, network_gone: bool, pins_gone: bool) -> SandboxRecord:
+    return replace(
+        record,
+        state=SandboxState.NOTREADY,
+        pause=None,
+        network=None if network_gone else record.network,
+        namespaces=namespaces.NamespacePaths() if pins_gone else record.namespaces,
+    )
 
 
 def _matches(record: SandboxRecord, flt: ListFilter) -> bool:

@@ -15,7 +15,8 @@ from shim._proto import api_pb2
 from shim.errors import InvalidArgument, Unimplemented
 from shim.network import PortMapping
 from shim.network.files import DnsConfig
-from shim.store import Metadata, NamespaceMode, NamespaceModes
+from shim.sandbox_record import NamespaceMode, NamespaceModes
+from shim.store import Metadata
 
 MAX_NAME = 253  # a DNS-1123 subdomain, like a pod name
 MAX_NAMESPACE = 253

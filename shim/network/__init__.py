@@ -9,10 +9,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from shim.store import Metadata
+from shim.store import Metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +44,10 @@ class NetworkBackend(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def kind(self) -> str:
+        """The backend a Run now would use ("bridge" or "cni"): recorded with each pod."""
+        ...
 
     def setup(
         self,

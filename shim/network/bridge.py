@@ -227,6 +227,9 @@ class BridgeNetwork:
     def status(self) -> tuple[bool, str, str]:
         return True, "", ""
 
+    def kind(self) -> str:
+        return self.KIND
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "bridge",
@@ -297,7 +300,8 @@ class BridgeNetwork:
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         """At start: the records' addresses are claimed (whatever the IPAM files say),
         other addresses freed, veths of sandboxes that no longer exist deleted."""
-        self.ipam.reconcile({sandbox_id: pod.ip for sandbox_id, pod in live.items()})
+        # A pod whose set-up failed midway and could not be undone has no address recorded.
+        self.ipam.reconcile({sandbox_id: pod.ip for sandbox_id, pod in live.items() if pod.ip})
         if self.ipam6 is not None:
             self.ipam6.reconcile({i: pod.additional_ips[0] for i, pod in live.items() if pod.additional_ips})
         live_names = {veth_name(i) for i in live}
@@ -313,13 +317,6 @@ class BridgeNetwork:
     def close(self) -> None:
         self._ipr.close()
         self._host.close()
-
-    def remove_node_setup(self) -> None:
-        """Delete the bridge and the nftables table (for tests and uninstall)."""
-        with contextlib.suppress(Internal):
-            nft(f"table ip {self.config.nft_table}\ndelete table ip {self.config.nft_table}\n")
-        with self._ipr_lock, contextlib.suppress(NetlinkError):
-            self._ipr.link("del", index=self.bridge_index)
 
 
 _PROTOCOLS = ("tcp", "udp", "sctp")

@@ -60,6 +60,9 @@ class CniNetwork:
             return False, "NetworkPluginNotReady", self.problem
         return True, "", ""
 
+    def kind(self) -> str:
+        return self.KIND
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "cni",

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from shim.errors import Unavailable
-from shim.store import ID_RE, write_atomically
+from shim.store import is_id, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Ipam:
                 owner = path.read_text().strip()
             except (ValueError, OSError):
                 continue
-            if address in self.subnet and ID_RE.match(owner):
+            if address in self.subnet and is_id(owner):
                 self._owners[address] = owner
                 self._by_owner[owner] = address
             else:
@@ -77,10 +77,6 @@ class Ipam:
                 return
             del self._owners[address]
             (self.directory / str(address)).unlink(missing_ok=True)
-
-    def owned_by(self, owner: str) -> IPAddress | None:
-        with self._lock:
-            return self._by_owner.get(owner)
 
     def reconcile(self, live: dict[str, str]) -> None:
         """Claim each live sandbox's recorded address (a crash may have freed its file);

@@ -67,6 +67,9 @@ class NetworkSelector:
     def describe(self) -> dict[str, Any]:
         return self._current().describe()
 
+    def kind(self) -> str:
+        return self._current().KIND
+
     def setup(
         self,
         sandbox_id: str,

@@ -1,0 +1,172 @@
+"""Sandbox records: what is known of a pod sandbox, as versioned JSON.
+
+States of a sandbox (only READY and NOTREADY are ever written):
+
+    (Run) ──> READY ──(Stop | pause exits)──> NOTREADY ──(Remove)──> gone
+                 └──────────────(Remove: stops first)─────────────────┘
+
+A Run in flight has no record yet, only its runtime dir under the run root;
+the start-up sweep removes what such a dir names if the daemon died mid-Run.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim.namespaces import NamespacePaths
+from shim.network import PodNetwork, PortMapping
+from shim.procs import ProcessIdentity
+from shim.store import Metadata, RecordStore, is_id
+
+RECORD_VERSION = 1
+
+
+class SandboxState(enum.Enum):
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+class NamespaceMode(enum.IntEnum):
+    """Values of runtime.v1.NamespaceMode."""
+
+    POD = 0
+    CONTAINER = 1
+    NODE = 2
+    TARGET = 3
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceModes:
+    network: NamespaceMode = NamespaceMode.POD
+    pid: NamespaceMode = NamespaceMode.POD
+    ipc: NamespaceMode = NamespaceMode.POD
+    target_id: str = ""
+
+
+# eq=False: records are compared by identity, so that caches can key on them weakly.
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
+class SandboxRecord:
+    id: str
+    metadata: Metadata
+    state: SandboxState
+    created_at: int  # nanoseconds since the epoch
+    modes: NamespaceModes
+    runtime_handler: str
+    hostname: str
+    log_directory: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    pause: ProcessIdentity | None = None
+    namespaces: NamespacePaths = field(default_factory=NamespacePaths)
+    # What the pod network set up; None for host-network pods and once stopped.
+    network: PodNetwork | None = None
+    # resolv.conf, hostname, hosts written for containers to mount: name -> path.
+    files: dict[str, str] = field(default_factory=dict)
+    # The PodSandboxConfig exactly as received (serialized protobuf), for verbose status.
+    config: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "id": self.id,
+            "metadata": {
+                "name": self.metadata.name,
+                "uid": self.metadata.uid,
+                "namespace": self.metadata.namespace,
+                "attempt": self.metadata.attempt,
+            },
+            "state": self.state.value,
+            "created_at": self.created_at,
+            "modes": {
+                "network": self.modes.network.name,
+                "pid": self.modes.pid.name,
+                "ipc": self.modes.ipc.name,
+                "target_id": self.modes.target_id,
+            },
+            "runtime_handler": self.runtime_handler,
+            "hostname": self.hostname,
+            "log_directory": self.log_directory,
+            "labels": self.labels,
+            "annotations": self.annotations,
+            "pause": None
+            if self.pause is None
+            else {
+                "pid": self.pause.pid,
+                "start_time": self.pause.start_time,
+                "boot_id": self.pause.boot_id,
+            },
+            "namespaces": self.namespaces.as_dict(),
+            "network": None if self.network is None else _network_json(self.network),
+            "files": self.files,
+            "config": base64.b64encode(self.config).decode(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
+        if data.get("version") != RECORD_VERSION:
+            raise ValueError(f"record version {data.get('version')!r} is not {RECORD_VERSION}")
+        if not is_id(data["id"]):
+            raise ValueError(f"record id {data['id']!r} is not 64 hex characters")
+        modes = data["modes"]
+        pause = data["pause"]
+        return cls(
+            id=data["id"],
+            metadata=Metadata(**data["metadata"]),
+            state=SandboxState(data["state"]),
+            created_at=int(data["created_at"]),
+            modes=NamespaceModes(
+                network=NamespaceMode[modes["network"]],
+                pid=NamespaceMode[modes["pid"]],
+                ipc=NamespaceMode[modes["ipc"]],
+                target_id=modes["target_id"],
+            ),
+            runtime_handler=data["runtime_handler"],
+            hostname=data["hostname"],
+            log_directory=data["log_directory"],
+            labels=dict(data["labels"]),
+            annotations=dict(data["annotations"]),
+            pause=None if pause is None else ProcessIdentity(**pause),
+            namespaces=NamespacePaths.of(data["namespaces"]),
+            network=None if data.get("network") is None else _network_from_json(data["network"]),
+            files=dict(data.get("files", {})),
+            config=base64.b64decode(data["config"]),
+        )
+
+
+def _network_json(network: PodNetwork) -> dict[str, Any]:
+    return {
+        "ip": network.ip,
+        "additional_ips": list(network.additional_ips),
+        "host_interface": network.host_interface,
+        "cni_result": network.cni_result,
+        "backend": network.backend,
+        "port_mappings": [
+            {
+                "protocol": m.protocol,
+                "container_port": m.container_port,
+                "host_port": m.host_port,
+                "host_ip": m.host_ip,
+            }
+            for m in network.port_mappings
+        ],
+    }
+
+
+def _network_from_json(data: dict[str, Any]) -> PodNetwork:
+    return PodNetwork(
+        ip=data["ip"],
+        additional_ips=tuple(data["additional_ips"]),
+        host_interface=data["host_interface"],
+        cni_result=data.get("cni_result", ""),
+        backend=data.get("backend") or ("cni" if data.get("cni_result") else "bridge"),
+        port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
+    )
+
+
+def sandbox_store(directory: Path) -> RecordStore[SandboxRecord]:
+    """One JSON file per sandbox under DIR/<id>.json."""
+    return RecordStore(directory, SandboxRecord.from_json)
