@@ -195,10 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
         config = _config(args)
         setup_logging(config.log_level)
+        log = logging.getLogger("shim")
         try:
             return serve(config)
         except ShimError as exc:
-            logging.getLogger("shim").error("event=cannot_start reason=%r", str(exc))
+            log.error("event=cannot_start reason=%r", str(exc))
+            return 1
+        except Exception as exc:  # a missing pause, a bad flag value, a socket gRPC cannot bind...
+            log.error("event=cannot_start reason=%r", f"{type(exc).__name__}: {exc}")
+            log.debug("event=cannot_start_traceback", exc_info=True)
             return 1
     if args.command == "images" and args.images_command == "import":
         return _import(args)

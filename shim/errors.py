@@ -37,6 +37,12 @@ class Unavailable(ShimError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(ShimError):
+    """A node-wide limit is reached (addresses, bridge ports)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unimplemented(ShimError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -55,6 +61,14 @@ class Internal(ShimError):
     """A kernel or system operation failed; the message says which and why."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class NetlinkRefused(Internal):
+    """The kernel refused a netlink request; `errno` says why."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class InjectedFailure(Internal):

@@ -422,6 +422,8 @@ class SandboxManager:
                 self.network.check(record.id, record.network, net, record.metadata)
             except ShimError as exc:
                 log.warning("event=network_check_failed sandbox=%s reason=%r", record.id, str(exc))
+            else:
+                log.info("event=network_checked sandbox=%s", record.id)
 
     def _adopt(self, record: SandboxRecord) -> None:
         pause = TrackedProcess.adopt(record.pause) if record.pause else None

@@ -8,6 +8,7 @@ once and maps ShimError to its status code, anything else to INTERNAL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from shim import __version__, cri, validate
+from shim import __version__, cri, lockfile, memory, validate
 from shim._proto import api_pb2
 from shim.config import Config
 from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError, Unimplemented
@@ -42,9 +43,12 @@ log = logging.getLogger(__name__)
 
 RUNTIME_NAME = "pyshim"
 RUNTIME_API_VERSION = "v1"
-# kubelet's own CRI client allows 16 MiB messages; oversized fields get a clear
-# INVALID_ARGUMENT from validation instead of a transport error.
-MAX_MESSAGE = 16 * 1024 * 1024
+# No valid request is larger than a CreateContainer: a sandbox config (at most 2 MiB)
+# plus a container config (at most 2 MiB). Anything larger is refused by the transport
+# before it is decoded (RESOURCE_EXHAUSTED), so a burst of huge requests cannot take
+# memory. Replies may be larger (lists): kubelet's client accepts 16 MiB.
+MAX_REQUEST = 4 * 1024 * 1024 + 64 * 1024
+MAX_REPLY = 16 * 1024 * 1024
 _UNIX_PATH_MAX = 107
 # Polled every second or so by kubelet: logged at debug level only.
 _QUIET = {
@@ -70,15 +74,28 @@ def rpc(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
+        response = None
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"{name}: the request is not a valid {request.type_name}: {request.reason}"
+                )
             response = method(self, request, context)
         except ShimError as exc:
-            log.warning("rpc=%s code=%s ms=%.2f error=%r", name, exc.code.name, _ms(start), str(exc))
+            log.warning(
+                "rpc=%s code=%s ms=%.2f%s error=%r",
+                name,
+                exc.code.name,
+                _ms(start),
+                _subject(request, None),
+                str(exc),
+            )
             context.abort(exc.code, str(exc))
         except Exception:
-            log.exception("rpc=%s code=INTERNAL ms=%.2f", name, _ms(start))
+            log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), _subject(request, None))
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
-        log.log(level, "rpc=%s code=OK ms=%.2f", name, _ms(start))
+        if log.isEnabledFor(level):
+            log.log(level, "rpc=%s code=OK ms=%.2f%s", name, _ms(start), _subject(request, response))
         return response
 
     return wrapper  # type: ignore[return-value]
@@ -86,6 +103,44 @@ def rpc(method: F) -> F:
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+# Request (and reply) fields that name what a call is about, and how the log calls them.
+_SUBJECTS = (("pod_sandbox_id", "sandbox"), ("container_id", "container"))
+
+
+def _subject(request: Any, response: Any) -> str:
+    """ " sandbox=ID container=ID image=REF" for the log line, from what the call names."""
+    parts = []
+    for message in (request, response):
+        for field_name, label in _SUBJECTS:
+            value = getattr(message, field_name, "")
+            if value and isinstance(value, str):
+                parts.append(f" {label}={_loggable(value)}")
+    image = getattr(request, "image", None)
+    if image is not None and not isinstance(image, str):
+        ref = getattr(image, "image", "")
+        if ref:
+            parts.append(f" image={_loggable(ref)}")
+    image_ref = getattr(response, "image_ref", "")
+    if image_ref:
+        parts.append(f" image_id={_loggable(image_ref)}")
+    return "".join(dict.fromkeys(parts))
+
+
+def _loggable(value: str) -> str:
+    # Ids and references are plain words; anything else from a request is shown quoted and cut.
+    if len(value) <= 256 and value.isprintable() and " " not in value:
+        return value
+    return repr(value[:80])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request that could not be decoded: answered INVALID_ARGUMENT, not INTERNAL."""
+
+    type_name: str
+    reason: str
 
 
 def _unimplemented(service: str, method: str) -> Callable[..., Any]:
@@ -101,6 +156,19 @@ def _serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def _deserializer(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    parse = message_type.FromString
+
+    def deserialize(data: bytes) -> Message | Undecodable:
+        memory.note_request(len(data))
+        try:
+            return parse(data)
+        except DecodeError as exc:  # e.g. a string field that is not UTF-8
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc)[:200])
+
+    return deserialize
+
+
 def _generic_handler(servicer: object, service: str) -> grpc.GenericRpcHandler:
     """Handlers for every method of a CRI service, built from the proto descriptor."""
     handlers = {}
@@ -112,7 +180,7 @@ def _generic_handler(servicer: object, service: str) -> grpc.GenericRpcHandler:
         )
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=getattr(api_pb2, method.input_type.name).FromString,
+            request_deserializer=_deserializer(getattr(api_pb2, method.input_type.name)),
             response_serializer=_serialize,
         )
     return grpc.method_handlers_generic_handler(f"runtime.v1.{service}", handlers)
@@ -375,8 +443,11 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # First: a daemon that may not serve here must not touch the node (bridge, tables).
+        # First: a daemon that may not serve here must not touch the node (bridge, tables)
+        # nor its state. Held until the process ends.
+        self._locks = lockfile.hold_all(config.root, config.run_root, config.socket)
         prepare_socket(config.socket)
+        pause = find_pause(config.pause_path)
         self.watcher = ExitWatcher()
         self.network = NetworkSelector(config)
         image_store = ImageStore(config.image_dir)
@@ -387,7 +458,7 @@ class Daemon:
             config.insecure_registries,
             registry_hosts.load(config.registry_config_dir),
         )
-        self.sandboxes = SandboxManager(config, find_pause(config.pause_path), self.watcher, self.network)
+        self.sandboxes = SandboxManager(config, pause, self.watcher, self.network)
         self.server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -396,8 +467,8 @@ class Daemon:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers, thread_name_prefix="rpc"),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_REQUEST),
+                ("grpc.max_send_message_length", MAX_REPLY),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -426,6 +497,7 @@ class Daemon:
 
 def serve(config: Config) -> int:
     os.umask(0o077)
+    memory.tune_allocator()
     become_subreaper()
     daemon = Daemon(config)
     daemon.start()

@@ -34,20 +34,21 @@ MAX_DNS_SEARCHES = 32
 MAX_DNS_OPTIONS = 16
 MAX_PORT_MAPPINGS = 128
 _PROTOCOLS = {0: "tcp", 1: "udp", 2: "sctp"}
-_DNS_WORD = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
+_DNS_WORD = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 # The config is kept whole in the record (verbose status): bound what one pod may store.
 MAX_CONFIG_BYTES = 2 * 1024 * 1024
 
+# Every pattern is used with fullmatch: `re.match` with `$` would accept a trailing "\n".
 # Letters, digits, '.', '-': what Kubernetes names use, plus the capitals critest
 # sends. No '_': it separates the parts of the reservation name, which must not be
 # ambiguous. No '/', no space, no control character.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
-_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
-_ID_PREFIX = re.compile(r"^[0-9a-f]{1,64}$")
-_SYSCTL = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
+_ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
+_SYSCTL = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 # Namespaced sysctls (the pod's net, ipc namespaces); anything else would change the node.
-_NAMESPACED_SYSCTLS = re.compile(r"^(net\.|kernel\.shm|kernel\.msg|kernel\.sem$|fs\.mqueue\.)")
+_NAMESPACED_SYSCTLS = re.compile(r"net\..+|kernel\.shm.+|kernel\.msg.+|kernel\.sem|fs\.mqueue\..+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
     hostname = config.hostname
     if hostname:
         _check(
-            len(hostname) <= MAX_HOSTNAME and bool(_HOSTNAME.match(hostname)),
+            len(hostname) <= MAX_HOSTNAME and bool(_HOSTNAME.fullmatch(hostname)),
             f"hostname {hostname[:80]!r} is not a valid host name (letters, digits, '-', '.', "
             f"at most {MAX_HOSTNAME})",
         )
@@ -106,9 +107,9 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
         _check(
             log_dir.startswith("/")
             and len(log_dir) <= MAX_LOG_DIRECTORY
-            and "\0" not in log_dir
+            and log_dir.isprintable()
             and ".." not in log_dir.split("/"),
-            f"log_directory {log_dir[:80]!r} must be an absolute path without '..'",
+            f"log_directory {log_dir[:80]!r} must be an absolute path without '..' or control characters",
         )
     _check_labels(config.labels, "label")
     annotations_size = sum(len(k.encode()) + len(v.encode()) for k, v in config.annotations.items())
@@ -141,16 +142,16 @@ def _metadata(config: api_pb2.PodSandboxConfig) -> Metadata:
     for field_name, value in (("name", md.name), ("namespace", md.namespace), ("uid", md.uid)):
         _check(bool(value), f"config.metadata.{field_name} is required")
     _check(
-        len(md.name) <= MAX_NAME and bool(_NAME.match(md.name)),
+        len(md.name) <= MAX_NAME and bool(_NAME.fullmatch(md.name)),
         f"config.metadata.name {md.name[:80]!r} must be letters, digits, '-', '.' (at most {MAX_NAME})",
     )
     _check(
-        len(md.namespace) <= MAX_NAMESPACE and bool(_NAME.match(md.namespace)),
+        len(md.namespace) <= MAX_NAMESPACE and bool(_NAME.fullmatch(md.namespace)),
         f"config.metadata.namespace {md.namespace[:80]!r} must be letters, digits, '-', '.' "
         f"(at most {MAX_NAMESPACE})",
     )
     _check(
-        len(md.uid) <= MAX_UID and bool(_UID.match(md.uid)),
+        len(md.uid) <= MAX_UID and bool(_UID.fullmatch(md.uid)),
         f"config.metadata.uid {md.uid[:80]!r} must be letters, digits, '.', '_', '-' (at most {MAX_UID})",
     )
     return Metadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt)
@@ -212,11 +213,11 @@ def _sysctls(config: api_pb2.PodSandboxConfig, modes: NamespaceModes) -> dict[st
     _check(len(sysctls) <= MAX_SYSCTLS, f"{len(sysctls)} sysctls, the limit is {MAX_SYSCTLS}")
     for key, value in sysctls.items():
         _check(
-            len(key) <= 128 and bool(_SYSCTL.match(key)) and ".." not in key,
+            len(key) <= 128 and bool(_SYSCTL.fullmatch(key)) and ".." not in key,
             f"sysctl name {key[:80]!r} is malformed",
         )
         _check(
-            bool(_NAMESPACED_SYSCTLS.match(key)),
+            bool(_NAMESPACED_SYSCTLS.fullmatch(key)),
             f"sysctl {key} is not namespaced; only net.*, "
             "kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* may be set for a pod",
         )
@@ -261,7 +262,7 @@ def _dns(config: api_pb2.PodSandboxConfig) -> DnsConfig:
         )
     # Each word lands on a line of resolv.conf: nothing that could start another line.
     for word in [*dns.searches, *dns.options]:
-        _check(bool(_DNS_WORD.match(word)), f"DNS search or option {word[:80]!r} is malformed")
+        _check(bool(_DNS_WORD.fullmatch(word)), f"DNS search or option {word[:80]!r} is malformed")
     return DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options))
 
 
@@ -295,5 +296,5 @@ def _port_mappings(config: api_pb2.PodSandboxConfig) -> tuple[PortMapping, ...]:
 def id_prefix(value: str, what: str = "pod sandbox id") -> str:
     """An id or id prefix from a request: 1-64 lowercase hex characters."""
     _check(bool(value), f"{what} is required")
-    _check(bool(_ID_PREFIX.match(value)), f"{what} {value[:80]!r} is not 1-64 lowercase hex characters")
+    _check(bool(_ID_PREFIX.fullmatch(value)), f"{what} {value[:80]!r} is not 1-64 lowercase hex characters")
     return value

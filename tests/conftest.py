@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -101,6 +102,8 @@ class Daemon:
     pod_subnet: str = field(
         default_factory=lambda: f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
     )
+    # A network namespace (under /run/netns) the test made for this daemon, or "" for the node's.
+    netns: str = ""
 
     @property
     def bridge(self) -> str:
@@ -131,7 +134,10 @@ class Daemon:
         return self.base / "daemon.log"
 
     def argv(self) -> list[str]:
+        # In a network namespace of the test's own, if it made one (see `netns`).
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         return [
+            *enter,
             sys.executable,
             "-m",
             "shim",
@@ -215,12 +221,15 @@ class Daemon:
         a broken daemon may have left (only what lives under this test's dirs)."""
         ids = {p.stem for p in (self.root / "sandboxes").glob("*.json")}
         ids |= {p.name for p in (self.run_root / "sandboxes").glob("*")}
+        leftovers: list[str] = []
         try:
             if self.proc is not None and self.proc.poll() is None and self.channel is not None:
                 for pod in self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items:
                     self.runtime.RemovePodSandbox(
                         api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30
                     )
+                # Every pod is gone: none of their host ports may stay in the table's maps.
+                leftovers = self.nft_map_elements()
         except Exception as exc:  # the daemon still stops and the sweep below still runs
             print(f"cleanup: removing pods through the API failed: {exc!r}")
         finally:
@@ -244,8 +253,28 @@ class Daemon:
         time.sleep(0.05)
         reap_our_zombies()
         # The node-level network pieces this daemon made: its bridge and its table.
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
-        subprocess.run(["nft", "delete", "table", "ip", self.nft_table], capture_output=True, check=False)
+        ip = ["ip", "-n", self.netns] if self.netns else ["ip"]
+        subprocess.run([*ip, "link", "del", self.bridge], capture_output=True, check=False)
+        subprocess.run([*self.nft, "delete", "table", "ip", self.nft_table], capture_output=True, check=False)
+        assert leftovers == [], f"host-port map elements left after every pod was removed: {leftovers}"
+
+    @property
+    def nft(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, "nft"] if self.netns else ["nft"]
+
+    def nft_map_elements(self) -> list[str]:
+        """Elements of every map in this daemon's table ("map: element" strings)."""
+        done = subprocess.run(
+            [*self.nft, "-j", "list", "table", "ip", self.nft_table], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            return []  # no table (a daemon that never got that far)
+        found = []
+        for item in json.loads(done.stdout)["nftables"]:
+            nft_map = item.get("map")
+            if nft_map:
+                found += [f"{nft_map['name']}: {element}" for element in nft_map.get("elem", [])]
+        return found
 
 
 @pytest.fixture
@@ -283,6 +312,7 @@ def leak_check(tmp_path: Path) -> Iterator[None]:
     veths_before = veth_names() if IS_ROOT else set()
     forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     default_bridge_before = Path("/sys/class/net/pyshim0").exists()
+    ruleset_before = nft_ruleset() if IS_ROOT else ""
     yield
     reap_our_zombies()
     deadline = time.monotonic() + 5
@@ -295,6 +325,12 @@ def leak_check(tmp_path: Path) -> Iterator[None]:
     # Tests run their daemons on bridges of their own and never touch node-wide settings.
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forward_before, "ip_forward changed"
     assert Path("/sys/class/net/pyshim0").exists() == default_bridge_before, "default bridge touched"
+    # Every table a test's daemon made (rules, maps and their elements) is gone with it.
+    assert not IS_ROOT or nft_ruleset() == ruleset_before, "nftables rules or map elements left behind"
+
+
+def nft_ruleset() -> str:
+    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
 
 
 # ---- requests -----------------------------------------------------------------------------

@@ -329,3 +329,44 @@ def test_optional_ipv6_range(daemon_factory: type[Daemon]) -> None:
     assert "default via" in route
     d.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=a), timeout=30)
     assert ip6_a not in {p.name for p in (d.run_root / "ipam6").iterdir()}
+
+
+def _network_info(daemon: Daemon) -> dict:  # type: ignore[type-arg]
+    response = daemon.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=10)
+    return json.loads(response.info["info"])["network"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_a_full_bridge_is_resource_exhausted(daemon_factory: type[Daemon]) -> None:
+    """A Linux bridge takes 1023 ports: the pod after that gets RESOURCE_EXHAUSTED
+    saying so, and Status says how many pods the network can still take."""
+    daemon = daemon_factory(start=False)  # type: ignore[call-arg]
+    # Its own network namespace: the 1000 links below go with it at once at the end
+    # (deleted one by one they would take ~17 s).
+    daemon.netns = f"pst{daemon.tag}"
+    subprocess.run(["ip", "netns", "add", daemon.netns], check=True)
+    try:
+        daemon.pod_subnet = f"10.{200 + secrets.randbelow(50)}.{16 * secrets.randbelow(16)}.0/20"
+        daemon.start()
+        before = _network_info(daemon)
+        assert before["podsAvailable"] == 1023 - before["bridgePorts"]
+        # Fill the bridge with tap links (cheap, unlike pods), leaving room for one pod.
+        fillers = [f"pd{i:x}" for i in range(1023 - before["bridgePorts"] - 1)]
+        batch = "".join(f"tuntap add {n} mode tap\nlink set {n} master {daemon.bridge}\n" for n in fillers)
+        subprocess.run(
+            ["ip", "-n", daemon.netns, "-batch", "-"], input=batch, text=True, check=True, capture_output=True
+        )
+        assert _network_info(daemon)["podsAvailable"] == 1
+        last = run_pod(daemon)
+        assert _network_info(daemon)["podsAvailable"] == 0
+        pauses = pause_pids()
+        with pytest.raises(grpc.RpcError) as err:
+            run_pod(daemon)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"bridge {daemon.bridge} is full" in (err.value.details() or "")
+        assert pause_pids() == pauses
+        listed = daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+        assert [p.id for p in listed] == [last]
+        daemon.cleanup()
+    finally:
+        subprocess.run(["ip", "netns", "del", daemon.netns], check=False)

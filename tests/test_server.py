@@ -3,6 +3,7 @@ the socket, unimplemented methods, and the generated stubs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -118,7 +120,8 @@ def test_live_socket_and_plain_file_are_refused(daemon: Daemon, tmp_path: Path) 
         text=True,
         timeout=60,
     )
-    assert second.returncode != 0 and "another daemon is serving" in second.stderr
+    assert daemon.proc is not None
+    assert second.returncode == 1 and f"another pyshim (pid {daemon.proc.pid})" in second.stderr
     assert daemon.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pyshim"
     plain = tmp_path / "plain.sock"
     plain.write_text("precious")
@@ -158,20 +161,24 @@ def _network_flags(daemon: Daemon) -> list[str]:
     ]
 
 
-def test_help_documents_every_flag() -> None:
+def test_help_and_readme_document_every_flag() -> None:
+    from shim.cli import _parser
+
+    serve = next(
+        choice
+        for action in _parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, choice in action.choices.items()
+        if name == "serve"
+    )
+    flags = {o for action in serve._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+    assert len(flags) > 20
     done = subprocess.run(
         [sys.executable, "-m", "shim", "serve", "--help"], capture_output=True, text=True, check=True
     )
-    for flag in (
-        "--socket",
-        "--root",
-        "--run-root",
-        "--netns-dir",
-        "--pause",
-        "--runtime-handler",
-        "--log-level",
-    ):
-        assert flag in done.stdout
+    readme = (ROOT / "README.md").read_text()
+    assert sorted(f for f in flags if f not in done.stdout) == []
+    assert sorted(f for f in flags if f"`{f}" not in readme) == [], "flags missing from README's table"
 
 
 def test_pause_binary_behaves_like_kubernetes_pause() -> None:
@@ -241,3 +248,139 @@ def test_container_calls_kubelet_polls_answer_the_truth(daemon: Daemon) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     daemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id="abc"), timeout=10)
     daemon.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id="abc"), timeout=10)
+
+
+def _serve_argv(base: Path, socket_path: Path, root: Path, run_root: Path, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "shim",
+        "serve",
+        "--socket",
+        str(socket_path),
+        "--root",
+        str(root),
+        "--run-root",
+        str(run_root),
+        "--netns-dir",
+        str(base / "netns"),
+        "--cni-conf-dir",
+        str(base / "no-cni"),
+        "--registry-config-dir",
+        str(base / "certs.d"),
+        *extra,
+    ]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("shared", ["root", "run-root", "socket"])
+def test_one_daemon_per_state_dir_and_socket_whatever_the_timing(
+    daemon_factory: type[Daemon], tmp_path: Path, shared: str
+) -> None:
+    """Two daemons started at the same instant on one --root, --run-root or socket:
+    exactly one serves, the other exits 1 with one line naming the holder."""
+    net = daemon_factory(start=False)  # type: ignore[call-arg]
+    for trial in range(5):
+        base = tmp_path / f"trial{trial}"
+        procs = []
+        for n in range(2):
+            own = base / f"own{n}"
+            argv = _serve_argv(
+                base,
+                (base if shared == "socket" else own) / "s.sock",
+                (base if shared == "root" else own) / "root",
+                (base if shared == "run-root" else own) / "run",
+                [*_network_flags(net), "--netns-dir", str(own / "netns")],
+            )
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        try:
+            deadline = time.monotonic() + 30
+            while sum(p.poll() is not None for p in procs) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # a second daemon that would also serve has had time to
+            running = [p for p in procs if p.poll() is None]
+            losers = [p for p in procs if p.poll() is not None]
+            assert len(running) == 1 and len(losers) == 1, f"trial {trial}: {[p.poll() for p in procs]}"
+            err = losers[0].communicate()[1]
+            assert losers[0].returncode == 1
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+            assert f"another pyshim (pid {running[0].pid})" in err
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(timeout=30)
+                p.communicate()
+
+
+@pytest.mark.root
+def test_start_up_errors_are_one_line(daemon_factory: type[Daemon], tmp_path: Path) -> None:
+    net = daemon_factory(start=False)  # type: ignore[call-arg]
+    for n, extra in enumerate(
+        (
+            ["--pause", str(tmp_path / "no-such-pause")],
+            ["--pod-subnet", "not-a-subnet"],
+        )
+    ):
+        base = tmp_path / f"b{n}"
+        flags = [f for f in _network_flags(net) if f != net.pod_subnet and f != "--pod-subnet"]
+        argv = _serve_argv(base, base / "s.sock", base / "root", base / "run", [*flags, *extra])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        errors = [line for line in done.stderr.splitlines() if "level=ERROR" in line]
+        assert len(errors) == 1 and "event=cannot_start" in errors[0], done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.root
+def test_ambiguous_id_prefix_is_invalid_argument(daemon: Daemon) -> None:
+    from conftest import run_pod
+
+    ids = [run_pod(daemon, network=api_pb2.NODE) for _ in range(17)]  # 17 ids: two share a first digit
+    first = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) >= 2)
+    for call, request in (
+        (daemon.runtime.PodSandboxStatus, api_pb2.PodSandboxStatusRequest(pod_sandbox_id=first)),
+        (daemon.runtime.StopPodSandbox, api_pb2.StopPodSandboxRequest(pod_sandbox_id=first)),
+        (daemon.runtime.RemovePodSandbox, api_pb2.RemovePodSandboxRequest(pod_sandbox_id=first)),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=10)  # type: ignore[operator]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ambiguous" in (err.value.details() or "")
+    listed = daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    assert len(listed) == 17 and all(p.state == api_pb2.SANDBOX_READY for p in listed)
+
+
+@pytest.mark.root
+def test_each_call_logs_one_line_naming_its_sandbox(daemon: Daemon) -> None:
+    from conftest import run_pod, status
+
+    sandbox_id = run_pod(daemon, network=api_pb2.NODE)
+    status(daemon, sandbox_id[:12])
+    daemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=10)
+    lines = daemon.log.read_text().splitlines()
+    for name, named in (
+        ("RunPodSandbox", f"sandbox={sandbox_id}"),
+        ("PodSandboxStatus", f"sandbox={sandbox_id[:12]}"),
+        ("StopPodSandbox", f"sandbox={sandbox_id}"),
+    ):
+        outcome = [line for line in lines if f"rpc={name} " in line]
+        assert len(outcome) == 1 and named in outcome[0], outcome
+
+
+@pytest.mark.root
+def test_undecodable_and_oversized_requests_get_a_clear_status(daemon: Daemon) -> None:
+    assert daemon.channel is not None
+    raw = daemon.channel.unary_unary("/runtime.v1.RuntimeService/PodSandboxStatus")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\n\x02\xff\xfe", timeout=10)  # field 1 (a string) that is not UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "PodSandboxStatusRequest" in (err.value.details() or "")
+    big = api_pb2.RunPodSandboxRequest(
+        config=api_pb2.PodSandboxConfig(annotations={"a": "x" * (5 * 1024 * 1024)})
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.RunPodSandbox(big, timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert daemon.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pyshim"
+    assert "Traceback" not in daemon.log.read_text()

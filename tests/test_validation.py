@@ -45,7 +45,7 @@ def _bad_configs() -> list[tuple[str, api_pb2.RunPodSandboxRequest, str]]:
         setattr(c.metadata, field_name, value)
         cases.append((f"hostile {field_name}", req(c), f"metadata.{field_name}"))
     cases += [
-        ("10 MB label", req(pod_config(labels={"big": "x" * (10 * 1024 * 1024)})), "label 'big'"),
+        ("1 MB label", req(pod_config(labels={"big": "x" * (1024 * 1024)})), "label 'big'"),
         ("too many labels", req(pod_config(labels={f"k{i}": "v" for i in range(300)})), "300 labels"),
         ("huge annotations", req(pod_config(annotations={"a": "x" * (300 * 1024)})), "annotations take"),
         ("bad hostname", req(pod_config(hostname="bad host/name")), "hostname"),
@@ -63,6 +63,24 @@ def _bad_configs() -> list[tuple[str, api_pb2.RunPodSandboxRequest, str]]:
     c = pod_config()
     c.log_directory = "/var/log/../../etc"
     cases.append(("log dir dotdot", req(c), "log_directory"))
+    c = pod_config()
+    c.log_directory = "/var/log/pods/a\nb"
+    cases.append(("log dir newline", req(c), "log_directory"))
+    # `re.match` with `$` accepts a trailing newline: every check must refuse it.
+    cases += [
+        ("name newline", req(pod_config(name="nl-pod\n")), "metadata.name"),
+        ("namespace newline", req(pod_config(namespace="default\n")), "metadata.namespace"),
+        ("uid newline", req(pod_config(uid="uid-1\n")), "metadata.uid"),
+        ("hostname newline", req(pod_config(hostname="evil\n")), "hostname"),
+        ("sysctl newline", req(pod_config(sysctls={"net.ipv4.ip_forward\n": "1"})), "malformed"),
+        ("sysctl kernel.sem newline", req(pod_config(sysctls={"kernel.sem\n": "1"})), "malformed"),
+    ]
+    c = pod_config()
+    c.dns_config.searches.extend(["a\n", "nameserver"])
+    cases.append(("dns search newline", req(c), "DNS search"))
+    c = pod_config()
+    c.dns_config.options.append("ndots:5\n")
+    cases.append(("dns option newline", req(c), "DNS search or option"))
     c = pod_config()
     c.linux.security_context.run_as_group.value = 5
     cases.append(("group without user", req(c), "run_as_group needs run_as_user"))
@@ -86,6 +104,7 @@ def test_malformed_ids(daemon: Daemon) -> None:
     for call, request in (
         (daemon.runtime.PodSandboxStatus, api_pb2.PodSandboxStatusRequest(pod_sandbox_id="../../etc/passwd")),
         (daemon.runtime.PodSandboxStatus, api_pb2.PodSandboxStatusRequest(pod_sandbox_id="")),
+        (daemon.runtime.PodSandboxStatus, api_pb2.PodSandboxStatusRequest(pod_sandbox_id="a" * 64 + "\n")),
         (daemon.runtime.StopPodSandbox, api_pb2.StopPodSandboxRequest(pod_sandbox_id="")),
         (daemon.runtime.RemovePodSandbox, api_pb2.RemovePodSandboxRequest(pod_sandbox_id="")),
     ):
@@ -132,14 +151,42 @@ def test_failure_at_any_step_rolls_back(daemon_factory: type[Daemon], step: str)
     assert run_pod(d, config)
 
 
-def test_pause_failure_is_reported_and_rolled_back(daemon: Daemon) -> None:
+@pytest.mark.parametrize(
+    ("sysctl", "value", "said"),
+    [
+        ("net.ipv4.no_such_knob", "1", "no such setting"),
+        ("net.ipv4.ip_forward", "abc", "refused by the kernel"),
+    ],
+)
+def test_sysctl_the_kernel_refuses_is_invalid_argument(
+    daemon: Daemon, sysctl: str, value: str, said: str
+) -> None:
     before = pause_pids()
-    # A sysctl that passes validation but that the kernel refuses.
+    # Passes validation (a well-formed namespaced name): only the kernel can say no.
     with pytest.raises(grpc.RpcError) as err:
-        run_pod(daemon, sysctls={"net.ipv4.no_such_knob": "1"})
-    assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert "net.ipv4.no_such_knob" in (err.value.details() or "")
+        run_pod(daemon, sysctls={sysctl: value})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sysctl in (err.value.details() or "") and said in (err.value.details() or "")
     assert_nothing_made(daemon, before)
+
+
+def test_failed_undo_keeps_a_notready_sandbox_that_remove_finishes(daemon_factory: type[Daemon]) -> None:
+    d = daemon_factory(extra_args=["--fail-at", "network", "--fail-at", "undo:unpin"])  # type: ignore[call-arg]
+    config = pod_config()
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(d, config)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    (pod,) = d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    assert pod.state == api_pb2.SANDBOX_NOTREADY and pod.metadata.name == config.metadata.name
+    assert nsfs_mounts_under(d.base) != []  # the pins the undo could not remove, still known
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(d, config)  # the name stays taken until the remains are removed
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and pod.id in (err.value.details() or "")
+    d.restart()  # known across a restart too
+    d.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=30)
+    assert nsfs_mounts_under(d.base) == []
+    d.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30)
+    assert_nothing_made(d, set())
 
 
 def test_undefined_enum_values(daemon: Daemon) -> None:

@@ -11,6 +11,7 @@ costs. The start-up sweep deletes veths whose sandbox no longer exists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shim.errors import FailedPrecondition, Internal
+from shim.errors import FailedPrecondition, Internal, NetlinkRefused, ResourceExhausted
 from shim.network import PodNetwork, PortMapping, netlink
 from shim.network.ipam import Ipam
 from shim.store import Metadata
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 VETH_PREFIX = "psh"  # + 12 hex of the sandbox id: 15 characters, the kernel's limit
 POD_IFINDEX = 2  # eth0's index in the pod's namespace (lo is 1), chosen at creation
+# A Linux bridge numbers its ports 1-1023 (BR_MAX_PORTS is 1024, port 0 is reserved).
+MAX_BRIDGE_PORTS = 1023
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +242,27 @@ class BridgeNetwork:
             "gateway": str(self.gateway),
             "nftTable": self.config.nft_table,
             "addressesInUse": len(self.ipam.allocated()),
+            "bridgePorts": self.ports(),
+            # What kubelet's scheduler cannot see: how many more pods this network takes.
+            "podsAvailable": self.pods_available(),
         }
+
+    def ports(self) -> int:
+        """Ports on the bridge now (pods' veths and anything else attached)."""
+        with self._ipr_lock:
+            return len(self._ipr.get_links(master=self.bridge_index))
+
+    def pods_available(self) -> int:
+        free = self.ipam.free()
+        if self.ipam6 is not None:
+            free = min(free, self.ipam6.free())
+        return max(0, min(free, MAX_BRIDGE_PORTS - self.ports()))
+
+    def _full(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"bridge {self.config.name} is full: a Linux bridge takes at most {MAX_BRIDGE_PORTS} ports. "
+            "Remove pods, or use a CNI network for more pods on this node"
+        )
 
     def setup(
         self,
@@ -257,6 +280,11 @@ class BridgeNetwork:
         try:
             with self._host_lock:
                 netlink.add_veth(self._host, host_if, self.bridge_index, "eth0", POD_IFINDEX, fd)
+        except NetlinkRefused as exc:
+            # Checked here, not before: counting ports costs more than the rare refusal.
+            if exc.errno == errno.EXFULL:
+                raise self._full() from None
+            raise
         finally:
             os.close(fd)
         interface = ipaddress.IPv4Interface(f"{address}/{self.config.subnet.prefixlen}")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 IFNAME = "eth0"
 PLUGIN_TIMEOUT = 60.0
-_PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PLUGIN_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _CONFIG_SUFFIXES = (".conflist", ".conf", ".json")
 
 
@@ -237,7 +237,7 @@ def _error_text(stdout: bytes, stderr: bytes) -> str:
 
 
 def find_plugin(plugin_type: str, bin_dirs: tuple[Path, ...]) -> Path | None:
-    if not _PLUGIN_TYPE.match(plugin_type):
+    if not _PLUGIN_TYPE.fullmatch(plugin_type):
         return None
     for directory in bin_dirs:
         candidate = directory / plugin_type

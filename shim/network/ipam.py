@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from shim.errors import Unavailable
+from shim.errors import ResourceExhausted
 from shim.store import is_id, write_atomically
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,14 @@ class Ipam:
                     self._owners[candidate] = owner
                     self._by_owner[owner] = candidate
                     return candidate
-        raise Unavailable(f"no free address left in {self.subnet}")
+        raise ResourceExhausted(
+            f"no free pod address left in {self.subnet}: remove pods, or give pyshim a larger --pod-subnet"
+        )
+
+    def free(self) -> int:
+        """How many more addresses can be handed out."""
+        with self._lock:
+            return self._last - self._first + 1 - len(self._owners) - 1  # the gateway is never handed out
 
     def release(self, owner: str) -> None:
         """Idempotent: an owner without an address is fine."""

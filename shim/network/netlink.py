@@ -19,7 +19,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from shim.errors import Internal
+from shim.errors import NetlinkRefused
 
 LOOPBACK_INDEX = 1
 _NLMSG_ERROR = 2
@@ -44,7 +44,7 @@ def _request(sock: socket.socket, msg: Any, kind: int, flags: int, what: str) ->
         # nlmsghdr (16 bytes), then the error code: 0 is a plain acknowledgement.
         (code,) = struct.unpack_from("i", reply, 16)
         if code != 0:
-            raise Internal(f"{what}: {os.strerror(-code)}")
+            raise NetlinkRefused(f"{what}: {os.strerror(-code)}", -code)
     return reply
 
 
@@ -64,7 +64,7 @@ def batch(sock: socket.socket, requests: list[tuple[Any, int, int, str]]) -> Non
                 (code,) = struct.unpack_from("i", reply, offset + 16)
                 what = pending.pop(seq, "netlink request")
                 if code != 0:
-                    raise Internal(f"{what}: {os.strerror(-code)}")
+                    raise NetlinkRefused(f"{what}: {os.strerror(-code)}", -code)
             offset += (length + 3) & ~3
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim.errors import Internal
+from shim.errors import Internal, InvalidArgument
 from shim.procs import ProcessIdentity, identify
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def _read_report(sock: socket.socket, spawned: int, orders: PauseOrders, timeout
     netlink: socket.socket | None = None
     warnings: list[str] = []
     error: str | None = None
+    invalid: str | None = None
     ready = False
     deadline = time.monotonic() + timeout
     try:
@@ -142,8 +143,12 @@ def _read_report(sock: socket.socket, spawned: int, orders: PauseOrders, timeout
                 ready = True
             elif word == "warn":
                 warnings.append(rest)
+            elif word == "invalid":
+                invalid = rest
             else:
                 error = rest
+        if invalid is not None:
+            raise InvalidArgument(invalid)
         if error is None and not (ready and pid):
             error = "exited before it was ready"
         identity = identify(pid) if pid else None

@@ -10,6 +10,8 @@
  *   "ready"            set-up done; carries a NETLINK_ROUTE socket opened in
  *                      the new network namespace (SCM_RIGHTS) when --ns has net
  *   "warn TEXT"        something optional failed (e.g. oom_score_adj)
+ *   "invalid TEXT"     the orders cannot be carried out (the kernel refused a
+ *                      sysctl name or value); the process exits non-zero
  *   "error TEXT"       set-up failed; the process exits non-zero
  *
  * With a new pid namespace the spawned process forks: the child is PID 1 of
@@ -124,7 +126,11 @@ static void apply_sysctl(const char *spec)
 		path[off + i] = spec[i] == '.' ? '/' : spec[i];
 	path[off + keylen] = '\0';
 	if (write_file(path, eq + 1) < 0) {
-		send_msg(-1, "error sysctl %.*s: %s", (int)keylen, spec, strerror(errno));
+		/* The request's fault, not ours: no such setting, or a value it refuses. */
+		if (errno == ENOENT)
+			send_msg(-1, "invalid sysctl %.*s: the kernel has no such setting", (int)keylen, spec);
+		else
+			send_msg(-1, "invalid sysctl %s refused by the kernel: %s", spec, strerror(errno));
 		_exit(1);
 	}
 }

@@ -1,0 +1,55 @@
+"""Keeping the daemon's memory near its baseline after bursts of large requests.
+
+glibc keeps what it frees: by default a large buffer raises the mmap threshold,
+so the next ones come from the heap and stay there, and every request thread
+may get an arena of its own. Measured here: 64 parallel 4 MiB requests left
+~180 MiB resident for good. A fixed mmap threshold returns large buffers to the
+kernel when they are freed, two arenas bound the fragmentation, and a trim after
+large requests hands back what the heap still holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 128 * 1024
+ARENA_MAX = 2
+# A request at least this large schedules a trim.
+LARGE_REQUEST = 256 * 1024
+# Trims are batched: a burst costs one, shortly after it ends.
+_TRIM_DELAY = 0.5
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pending = threading.Event()
+
+
+def tune_allocator() -> None:
+    """Call once at start, before the request threads exist."""
+    if not hasattr(_libc, "mallopt"):  # not glibc: nothing to tune
+        return
+    for option, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_ARENA_MAX, ARENA_MAX)):
+        if _libc.mallopt(option, value) != 1:
+            log.warning("event=mallopt_failed option=%d", option)
+    threading.Thread(target=_trimmer, name="malloc-trim", daemon=True).start()
+
+
+def note_request(size: int) -> None:
+    """Called with the size of each request as it is decoded."""
+    if size >= LARGE_REQUEST:
+        _pending.set()
+
+
+def _trimmer() -> None:
+    while True:
+        _pending.wait()
+        # Wait for the burst to end: requests still arriving set the flag again.
+        while _pending.wait(_TRIM_DELAY):
+            _pending.clear()
+            threading.Event().wait(_TRIM_DELAY)
+        _libc.malloc_trim(0)
