@@ -1,5 +1,7 @@
 """Fixtures: a real pyshim daemon on a temp socket, real gRPC stubs, and a leak
-check after every test (namespace mounts, pause processes, state files)."""
+check after every test (namespace mounts, pause processes, state files). Every
+program the test process launches is recorded (LAUNCHED) for the check in
+test_environment.py that the install script provides it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +28,60 @@ IS_ROOT = os.geteuid() == 0
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+# ---- what the suite runs -----------------------------------------------------------------
+
+# Program (absolute path as it was launched, or the bare name when it was not found) -> the
+# tests that launched it. Filled by an audit hook for the whole session; test_environment.py
+# checks at the end that scripts/install-system-deps provides each one.
+LAUNCHED: dict[str, set[str]] = {}
+_current_test = "(collection)"
+
+
+def _path_arg(value: object) -> str:
+    if isinstance(value, str | bytes | os.PathLike):
+        return os.fsdecode(value)
+    raise TypeError(f"not a path: {value!r}")
+
+
+def _launched_path(program: object, cwd: object, env: object) -> str:
+    """Where `program` is found, as execve/subprocess would find it: a name with a slash is
+    taken relative to cwd, a bare name is looked up in the PATH of `env` (else ours)."""
+    name = _path_arg(program)
+    if "/" in name:
+        base = _path_arg(cwd) if cwd is not None else os.getcwd()
+        return os.path.normpath(os.path.join(base, name))
+    search = os.get_exec_path(env if isinstance(env, dict) else None)
+    return shutil.which(name, path=os.pathsep.join(search)) or name
+
+
+def _record_launch(event: str, args: tuple[object, ...]) -> None:
+    """sys.addaudithook hook: note the program of every process this process starts.
+    subprocess raises "subprocess.Popen" (executable, args, cwd, env) and then, as the
+    case may be, "os.posix_spawn" (path, argv, env) for the same program."""
+    if event not in ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.spawn", "os.system"):
+        return
+    try:
+        if event == "subprocess.Popen":
+            path = _launched_path(args[0], args[2], args[3])
+        elif event == "os.spawn":
+            path = _launched_path(args[1], None, args[3])
+        elif event == "os.system":
+            path = "/bin/sh"
+        else:
+            path = _launched_path(args[0], None, args[2])
+    except Exception as exc:  # never fail the launch itself; the check reports it instead
+        path = f"(unreadable program in {event}: {exc!r})"
+    LAUNCHED.setdefault(path, set()).add(_current_test)
+
+
+sys.addaudithook(_record_launch)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _current_test
+    _current_test = item.nodeid
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if IS_ROOT:
         # Pauses orphaned by a killed daemon come to us instead of PID 1, which on
@@ -37,6 +94,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "root" in item.keywords and not IS_ROOT:
             item.add_marker(skip)
+    # Checks of what the whole session did run after everything else (a stable sort).
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 # ---- what a test may leave behind ------------------------------------------------------

@@ -54,18 +54,26 @@ def test_runtime_config_says_cgroupfs(daemon: Daemon) -> None:
     assert response.HasField("linux") and response.linux.cgroup_driver == api_pb2.CGROUPFS
 
 
+def allocated(top: Path) -> tuple[int, int]:
+    """Bytes allocated to `top` and everything under it, and how many inodes that is. A
+    directory takes blocks on ext4 and none on tmpfs (Debian 13's /tmp): no fixed minimum."""
+    entries = [top]
+    for parent, dirs, files in os.walk(top):
+        entries += [Path(parent, name) for name in [*dirs, *files]]
+    return sum(p.lstat().st_blocks * 512 for p in entries), len(entries)
+
+
 @pytest.mark.root
 def test_image_fs_info_answers_on_an_empty_store(daemon: Daemon) -> None:
-    response = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10)
-    (fs,) = response.image_filesystems
-    assert fs.fs_id.mountpoint == str(daemon.root / "images")
-    assert fs.used_bytes.value > 0 and fs.inodes_used.value >= 1 and fs.timestamp > 0
-    (daemon.root / "images" / "blob").write_bytes(b"x" * 10000)
+    images = daemon.root / "images"
+    (fs,) = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems
+    assert fs.fs_id.mountpoint == str(images) and fs.timestamp > 0
+    assert (fs.used_bytes.value, fs.inodes_used.value) == allocated(images)
+    (images / "blob").write_bytes(b"x" * 10000)
     grown = daemon.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems[0]
-    assert (
-        grown.used_bytes.value >= fs.used_bytes.value + 10000
-        and grown.inodes_used.value == fs.inodes_used.value + 1
-    )
+    assert (grown.used_bytes.value, grown.inodes_used.value) == allocated(images)
+    assert grown.used_bytes.value >= fs.used_bytes.value + 10000
+    assert grown.inodes_used.value == fs.inodes_used.value + 1
 
 
 @pytest.mark.root
