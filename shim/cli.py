@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from shim import __version__
+from shim import __version__, validate
 from shim.config import (
     DEFAULT_BRIDGE,
+    DEFAULT_CGROUP_ROOT,
     DEFAULT_CNI_BIN_DIRS,
     DEFAULT_CNI_CONF_DIR,
     DEFAULT_NETNS_DIR,
@@ -18,11 +20,11 @@ from shim.config import (
     DEFAULT_REGISTRY_CONFIG_DIR,
     DEFAULT_ROOT,
     DEFAULT_RUN_ROOT,
-    DEFAULT_RUNTIME_HANDLER,
+    DEFAULT_RUNTIME_HANDLERS,
     DEFAULT_SOCKET,
     Config,
 )
-from shim.errors import ShimError
+from shim.errors import InvalidArgument, ShimError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,9 +61,17 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         dest="runtime_handlers",
         default=None,
-        metavar="NAME",
-        help="runtime handler names accepted in RunPodSandbox, repeatable; the first is the default; "
-        f"unset: {DEFAULT_RUNTIME_HANDLER}",
+        metavar="NAME[=PROGRAM]",
+        help="a runtime handler (RuntimeClass handler name) and its OCI runtime (runc, crun or a path; "
+        "default: NAME), repeatable; the first is what an empty handler selects; unset: "
+        + ", ".join(f"{n}={p}" for n, p in DEFAULT_RUNTIME_HANDLERS),
+    )
+    serve.add_argument("--conmon", default="conmon", metavar="PROGRAM", help="the container monitor")
+    serve.add_argument(
+        "--cgroup-root",
+        default=DEFAULT_CGROUP_ROOT,
+        metavar="PATH",
+        help="cgroup under which pods that name no cgroup_parent get one (PATH/<sandbox id>)",
     )
     serve.add_argument(
         "--pause-stop-timeout", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL of a pause"
@@ -161,7 +171,11 @@ def _config(args: argparse.Namespace) -> Config:
         run_root=args.run_root.absolute(),
         netns_dir=args.netns_dir.absolute(),
         pause_path=args.pause.absolute() if args.pause else None,
-        runtime_handlers=tuple(args.runtime_handlers or [DEFAULT_RUNTIME_HANDLER]),
+        runtime_handlers=_handlers(args.runtime_handlers)
+        if args.runtime_handlers
+        else DEFAULT_RUNTIME_HANDLERS,
+        conmon=args.conmon,
+        cgroup_root=validate.cgroup_path(args.cgroup_root, "--cgroup-root") or DEFAULT_CGROUP_ROOT,
         pause_stop_timeout=args.pause_stop_timeout,
         pause_start_timeout=args.pause_start_timeout,
         grpc_workers=args.grpc_workers,
@@ -180,6 +194,16 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
+def _handlers(values: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for value in values:
+        name, _, program = value.partition("=")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+            raise InvalidArgument(f"--runtime-handler {value!r}: the name must be a lowercase DNS label")
+        pairs.append((name, program or name))
+    return tuple(pairs)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -193,11 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from shim.server import serve
 
-        config = _config(args)
-        setup_logging(config.log_level)
+        setup_logging(args.log_level)
         log = logging.getLogger("shim")
         try:
-            return serve(config)
+            return serve(_config(args))
         except ShimError as exc:
             log.error("event=cannot_start reason=%r", str(exc))
             return 1

@@ -9,8 +9,10 @@ DEFAULT_SOCKET = Path("/run/pyshim/pyshim.sock")
 DEFAULT_ROOT = Path("/var/lib/pyshim")
 DEFAULT_RUN_ROOT = Path("/run/pyshim")
 DEFAULT_NETNS_DIR = Path("/run/netns")
-# The name kubelet sends when no RuntimeClass is set is "", which selects this one.
-DEFAULT_RUNTIME_HANDLER = "runc"
+# Runtime handlers (RuntimeClass handler names) and their OCI runtimes; the first is
+# what the empty handler (no RuntimeClass) selects.
+DEFAULT_RUNTIME_HANDLERS = (("runc", "runc"), ("crun", "crun"))
+DEFAULT_CGROUP_ROOT = "/pyshim"
 DEFAULT_BRIDGE = "pyshim0"
 DEFAULT_POD_SUBNET = "10.88.0.0/16"
 DEFAULT_NFT_TABLE = "pyshim"
@@ -28,7 +30,12 @@ class Config:
     # Pinned network namespaces go here so that `ip netns` and CNI tools see them.
     netns_dir: Path = DEFAULT_NETNS_DIR
     pause_path: Path | None = None
-    runtime_handlers: tuple[str, ...] = (DEFAULT_RUNTIME_HANDLER,)
+    runtime_handlers: tuple[tuple[str, str], ...] = DEFAULT_RUNTIME_HANDLERS
+    conmon: str = "conmon"
+    # Pods that name no cgroup_parent get <cgroup_root>/<sandbox id>.
+    cgroup_root: str = DEFAULT_CGROUP_ROOT
+    # Seconds conmon may take to report that the runtime created a container.
+    create_timeout: float = 60.0
     # Seconds a pause gets between SIGTERM and SIGKILL on StopPodSandbox.
     pause_stop_timeout: float = 2.0
     # Seconds RunPodSandbox waits for a pause to report readiness.
@@ -73,3 +80,17 @@ class Config:
     @property
     def image_dir(self) -> Path:
         return self.root / "images"
+
+    @property
+    def containers_dir(self) -> Path:
+        """Persistent container records (one JSON file per container)."""
+        return self.root / "containers"
+
+    @property
+    def run_containers_dir(self) -> Path:
+        """Per-container bundles (config.json, conmon's files); their presence marks a Create in flight."""
+        return self.run_root / "containers"
+
+    @property
+    def handler_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.runtime_handlers)

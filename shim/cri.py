@@ -14,6 +14,7 @@ from weakref import WeakKeyDictionary
 from google.protobuf import json_format
 
 from shim._proto import api_pb2
+from shim.containers.record import ContainerRecord, ContainerState
 from shim.errors import InvalidArgument
 from shim.images.registry import Credentials
 from shim.images.store import ImageRecord
@@ -169,3 +170,101 @@ def filesystem_usage(path: Path) -> api_pb2.FilesystemUsage:
         used_bytes=api_pb2.UInt64Value(value=used + st.st_blocks * 512),
         inodes_used=api_pb2.UInt64Value(value=inodes + 1),
     )
+
+
+# ---- containers ------------------------------------------------------------------------
+
+_CONTAINER_STATE: dict[ContainerState, api_pb2.ContainerState] = {
+    ContainerState.CREATED: api_pb2.CONTAINER_CREATED,
+    ContainerState.RUNNING: api_pb2.CONTAINER_RUNNING,
+    ContainerState.EXITED: api_pb2.CONTAINER_EXITED,
+    ContainerState.UNKNOWN: api_pb2.CONTAINER_UNKNOWN,
+}
+_FROM_CRI_CONTAINER_STATE: dict[int, ContainerState] = {v: k for k, v in _CONTAINER_STATE.items()}
+
+
+def container_state_from_cri(value: int) -> ContainerState | None:
+    return _FROM_CRI_CONTAINER_STATE.get(value)
+
+
+def _image_spec(record: ContainerRecord) -> api_pb2.ImageSpec:
+    config = api_pb2.ContainerConfig.FromString(record.config)
+    spec = api_pb2.ImageSpec()
+    spec.CopyFrom(config.image)
+    spec.image = record.image
+    return spec
+
+
+def container(record: ContainerRecord) -> api_pb2.Container:
+    return api_pb2.Container(
+        id=record.id,
+        pod_sandbox_id=record.sandbox_id,
+        metadata=api_pb2.ContainerMetadata(name=record.name, attempt=record.attempt),
+        image=api_pb2.ImageSpec(image=record.image),
+        image_ref=record.image_ref,
+        image_id=record.image_id,
+        state=_CONTAINER_STATE[record.state],
+        created_at=record.created_at,
+        labels=record.labels,
+        annotations=record.annotations,
+    )
+
+
+_CONTAINER_ENTRIES: WeakKeyDictionary[ContainerRecord, bytes] = WeakKeyDictionary()
+
+
+def list_containers_response(records: list[ContainerRecord]) -> bytes:
+    """An encoded ListContainersResponse, from cached per-record entries."""
+    parts = []
+    for record in records:
+        entry = _CONTAINER_ENTRIES.get(record)
+        if entry is None:
+            entry = api_pb2.ListContainersResponse(containers=[container(record)]).SerializeToString()
+            _CONTAINER_ENTRIES[record] = entry
+        parts.append(entry)
+    return b"".join(parts)
+
+
+def container_status(record: ContainerRecord) -> api_pb2.ContainerStatus:
+    config = api_pb2.ContainerConfig.FromString(record.config)
+    status = api_pb2.ContainerStatus(
+        id=record.id,
+        metadata=config.metadata,
+        state=_CONTAINER_STATE[record.state],
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        exit_code=record.exit_code,
+        image=_image_spec(record),
+        image_ref=record.image_ref,
+        image_id=record.image_id,
+        reason=record.reason,
+        message=record.message,
+        labels=record.labels,
+        annotations=record.annotations,
+        mounts=config.mounts,
+        log_path=record.log_path,
+        stop_signal=config.stop_signal,
+    )
+    status.resources.linux.MergeFromString(record.resources)
+    user = status.user.linux
+    user.uid, user.gid = record.user.uid, record.user.gid
+    user.supplemental_groups.extend(record.user.additional_gids)
+    return status
+
+
+def container_info(
+    record: ContainerRecord, spec: dict[str, Any] | None, runtime: dict[str, str]
+) -> dict[str, str]:
+    """`info` of a verbose ContainerStatus: one JSON document under the key "info"."""
+    config = api_pb2.ContainerConfig.FromString(record.config)
+    info: dict[str, Any] = {
+        "sandboxID": record.sandbox_id,
+        "pid": record.pid.pid if record.pid and record.state is ContainerState.RUNNING else 0,
+        "monitorPid": record.monitor.pid if record.monitor else 0,
+        "runtime": runtime,
+        "cgroup": record.cgroup,
+        "config": json_format.MessageToDict(config),
+        "runtimeSpec": spec,
+    }
+    return {"info": json.dumps(info, sort_keys=True)}

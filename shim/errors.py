@@ -37,6 +37,12 @@ class Unavailable(ShimError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(ShimError):
+    """A time limit the request set ran out (an ExecSync timeout)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ResourceExhausted(ShimError):
     """A node-wide limit is reached (addresses, bridge ports)."""
 

@@ -9,6 +9,7 @@ and removed before its record (through the PodContainers hooks).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,22 +21,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from shim import namespaces
+from shim import mounts, namespaces
+from shim.cgroups import CgroupBusy, Cgroups, Limits
 from shim.config import Config
-from shim.errors import AlreadyExists, InjectedFailure, Internal, ShimError
+from shim.errors import AlreadyExists, Internal, ShimError
 from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
 from shim.procs import ExitWatcher, TrackedProcess
 from shim.registry import Registry
 from shim.sandbox_record import SandboxRecord, SandboxState, sandbox_store
-from shim.store import is_id, new_id
+from shim.store import is_id, new_id, write_atomically
+from shim.undo import Undo, inject
 from shim.validate import SandboxSpec
 
 log = logging.getLogger(__name__)
 
 # How long a concurrent duplicate RunPodSandbox waits for the first one.
 _DUPLICATE_WAIT = 240.0
+# A pod's /dev/shm, as containerd sizes it.
+SHM_SIZE = "64m"
+# In a Run's dir: the pod's cgroup and what was made for it, until the record says so.
+CGROUP_NOTE = "cgroup.json"
 
 
 @dataclass(eq=False)
@@ -89,11 +96,19 @@ class _NoContainers:
 
 class SandboxManager:
     def __init__(
-        self, config: Config, pause_path: Path, watcher: ExitWatcher, network: NetworkBackend
+        self,
+        config: Config,
+        pause_path: Path,
+        watcher: ExitWatcher,
+        network: NetworkBackend,
+        cgroups: Cgroups,
     ) -> None:
         self.config = config
         self.pause_path = pause_path
         self.network = network
+        self.cgroups = cgroups
+        # Making a pod's cgroup and removing the ancestors pods share, one at a time.
+        self._cgroup_lock = threading.Lock()
         self.store = sandbox_store(config.sandboxes_dir)
         self.watcher = watcher
         self.registry: Registry[Sandbox] = Registry("pod sandbox")
@@ -148,6 +163,8 @@ class SandboxManager:
             run_dir.mkdir(mode=0o700)
             (run_dir / "ns").mkdir()
             self._inject("mkdir")
+            self._make_cgroup(spec, made)
+            self._inject("cgroup")
 
             spawned = spawn(self.pause_path, self._orders(sandbox_id, spec), self.config.pause_start_timeout)
             if spawned.netlink is not None:
@@ -158,10 +175,14 @@ class SandboxManager:
             made.undo("kill_pause", made.drop_pause)
             for warning in spawned.warnings:
                 log.info("event=pause_warning sandbox=%s detail=%r", sandbox_id, warning)
+            self.cgroups.join(pause_cgroup(made.cgroup_parent, sandbox_id), spawned.identity.pid)
             self._inject("spawn")
 
             self._pin_all(spawned, spec, made)
             self._inject("pin")
+            if "ipc" in spec.namespaces:
+                self._mount_shm(run_dir, made)
+            self._inject("shm")
             pod_network = self._setup_network(spawned, spec, made)
             self._inject("network")
             hostname = spec.hostname or (socket.gethostname() if pod_network is None else "")
@@ -186,6 +207,61 @@ class SandboxManager:
             ",".join(sorted(made.pins)),
         )
         return Sandbox(record=record, pause=made.pause)
+
+    def _make_cgroup(self, spec: SandboxSpec, made: _Made) -> None:
+        """The pod's cgroup: the one the request names (kubelet makes it and sets its
+        limits), else one of pyshim's own; made here only where it is missing, and
+        then given the pod's limits. Every directory made here is recorded and
+        removed with the pod."""
+        parent = spec.cgroup_parent or f"{self.config.cgroup_root}/{made.sandbox_id}"
+        made.cgroup_parent = parent
+        # Registered first: the pause's cgroup, and what make() creates, go on any failure.
+        made.undo("cgroup", made.drop_cgroups, self)
+        with self._cgroup_lock:
+            existed = self.cgroups.exists(parent)
+            made.cgroup_created = tuple(self.cgroups.make(parent))
+        # For the start-up sweep, should the daemon die before the record is written.
+        write_atomically(
+            self.config.run_sandboxes_dir / made.sandbox_id / CGROUP_NOTE,
+            json.dumps([parent, *made.cgroup_created]).encode(),
+            durable=False,
+        )
+        if not existed and spec.limits != Limits():
+            self.cgroups.set_limits(parent, spec.limits)
+
+    def remove_pod_cgroups(self, parent: str, created: tuple[str, ...]) -> None:
+        """Remove what pyshim made for a pod's cgroup: the pod's own directories must
+        go (processes left in them are the pod's: killed); ancestors made for it are
+        shared with other pods and go only once empty."""
+        if not parent:
+            return
+        own = [d for d in created if d.endswith(parent)]
+        with self._cgroup_lock:
+            try:
+                self.cgroups.remove_dirs(own)
+            except CgroupBusy:
+                for pid in self.cgroups.procs(parent):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                time.sleep(0.05)
+                self.cgroups.remove_dirs(own)
+            for directory in sorted(set(created) - set(own), key=len, reverse=True):
+                with contextlib.suppress(CgroupBusy):
+                    self.cgroups.remove_dirs([directory])
+
+    def _mount_shm(self, run_dir: Path, made: _Made) -> None:
+        """One /dev/shm for all of the pod's containers, as containerd makes it."""
+        shm = run_dir / "shm"
+        shm.mkdir(mode=0o1777)
+        mounts.mount(
+            "shm",
+            shm,
+            "tmpfs",
+            mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+            f"mode=1777,size={SHM_SIZE}",
+        )
+        made.shm = str(shm)
+        made.undo("shm", made.drop_shm)
 
     def _setup_network(self, spawned: SpawnedPause, spec: SandboxSpec, made: _Made) -> PodNetwork | None:
         if spawned.netlink is None:
@@ -226,6 +302,9 @@ class SandboxManager:
             namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
             network=pod_network,
             files=files,
+            cgroup_parent=made.cgroup_parent,
+            cgroup_created=made.cgroup_created,
+            shm=made.shm,
             config=spec.config,
         )
 
@@ -246,6 +325,9 @@ class SandboxManager:
             pause=made.pause.identity if made.pause else None,
             namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
             network=made.network,
+            cgroup_parent=made.cgroup_parent,
+            cgroup_created=made.cgroup_created,
+            shm=made.shm,
             config=spec.config,
         )
         try:
@@ -315,6 +397,7 @@ class SandboxManager:
             and record.pause is None
             and record.network is None
             and not record.namespaces.paths
+            and not record.shm
         ):
             return  # stopped before: nothing is left to release
         pause, sandbox.pause = sandbox.pause, None  # first: its exit is then Stop's, not news
@@ -334,6 +417,10 @@ class SandboxManager:
                 network_gone = True
             for path in record.namespaces.as_dict().values():
                 namespaces.unpin(Path(path))
+            if record.shm:
+                mounts.umount(Path(record.shm))
+            if record.cgroup_parent:
+                self.cgroups.remove(pause_cgroup(record.cgroup_parent, record.id))
             pins_gone = True
         finally:
             # One write, also after a partial failure: what is left stays recorded for a retry.
@@ -351,6 +438,7 @@ class SandboxManager:
                 return
             self._stop_locked(sandbox)
             self.containers.remove_all(sandbox.id)
+            self.remove_pod_cgroups(sandbox.record.cgroup_parent, sandbox.record.cgroup_created)
             shutil.rmtree(self.config.run_sandboxes_dir / sandbox.id, ignore_errors=True)
             self.store.delete(sandbox.id)
             sandbox.removed = True
@@ -454,17 +542,26 @@ class SandboxManager:
             for kind in namespaces.KINDS:
                 with contextlib.suppress(ShimError):
                     namespaces.unpin(self._pin_path(sandbox_id, kind))
+            with contextlib.suppress(ShimError):
+                mounts.umount(run_dir / "shm")
+            self._sweep_cgroups(sandbox_id, run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
             log.warning("event=swept_half_made sandbox=%s", sandbox_id)
 
+    def _sweep_cgroups(self, sandbox_id: str, run_dir: Path) -> None:
+        try:
+            parent, *created = json.loads((run_dir / CGROUP_NOTE).read_bytes())
+        except (OSError, ValueError):
+            return
+        try:
+            self.cgroups.remove(pause_cgroup(parent, sandbox_id))
+            self.remove_pod_cgroups(parent, tuple(created))
+        except ShimError as exc:
+            log.warning("event=cgroup_sweep_failed sandbox=%s reason=%r", sandbox_id, str(exc))
 
-def inject(fail_at: tuple[str, ...], step: str) -> None:
-    """Failure injection for tests: STEP raises, crash:STEP kills the daemon outright."""
-    if step in fail_at:
-        raise InjectedFailure(f"failure injected at step {step!r} (--fail-at)")
-    if f"crash:{step}" in fail_at:
-        log.error("event=injected_crash step=%s", step)
-        os._exit(70)
+
+def pause_cgroup(parent: str, sandbox_id: str) -> str:
+    return f"{parent}/pyshim-{sandbox_id}"
 
 
 class _Made:
@@ -475,14 +572,16 @@ class _Made:
 
     def __init__(self, sandbox_id: str, fail_at: tuple[str, ...]) -> None:
         self.sandbox_id = sandbox_id
-        self.fail_at = fail_at
+        self._undo = Undo(f"sandbox={sandbox_id}", fail_at)
         self.pause: TrackedProcess | None = None
         self.pins: dict[str, str] = {}
         self.network: PodNetwork | None = None
-        self._steps: list[tuple[str, Callable[..., object], tuple[object, ...]]] = []
+        self.cgroup_parent = ""
+        self.cgroup_created: tuple[str, ...] = ()
+        self.shm = ""
 
     def undo(self, name: str, step: Callable[..., object], *args: object) -> None:
-        self._steps.append((name, step, args))
+        self._undo.add(name, step, *args)
 
     def drop_pause(self) -> None:
         if self.pause is not None:
@@ -493,21 +592,22 @@ class _Made:
         namespaces.unpin(Path(self.pins[kind]))
         del self.pins[kind]
 
+    def drop_cgroups(self, manager: SandboxManager) -> None:
+        manager.cgroups.remove(pause_cgroup(self.cgroup_parent, self.sandbox_id))
+        manager.remove_pod_cgroups(self.cgroup_parent, self.cgroup_created)
+        self.cgroup_parent, self.cgroup_created = "", ()
+
+    def drop_shm(self) -> None:
+        mounts.umount(Path(self.shm))
+        self.shm = ""
+
     def drop_network(self, network: NetworkBackend, spec: SandboxSpec) -> None:
         pod = self.network if self.network is not None and self.network.ip else None
         network.teardown(self.sandbox_id, pod, self.pins.get("net", ""), spec.metadata)
         self.network = None
 
     def rollback(self) -> bool:
-        clean = True
-        for name, step, args in reversed(self._steps):
-            try:
-                inject(self.fail_at, f"undo:{name}")
-                step(*args)
-            except Exception:
-                log.exception("event=undo_failed sandbox=%s step=%s", self.sandbox_id, name)
-                clean = False
-        return clean
+        return self._undo.run()
 
 
 def _stopped(record: SandboxRecord, network_gone: bool, pins_gone: bool) -> SandboxRecord:
@@ -517,6 +617,7 @@ def _stopped(record: SandboxRecord, network_gone: bool, pins_gone: bool) -> Sand
         pause=None,
         network=None if network_gone else record.network,
         namespaces=namespaces.NamespacePaths() if pins_gone else record.namespaces,
+        shm="" if pins_gone else record.shm,
     )
 
 

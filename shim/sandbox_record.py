@@ -66,6 +66,13 @@ class SandboxRecord:
     network: PodNetwork | None = None
     # resolv.conf, hostname, hosts written for containers to mount: name -> path.
     files: dict[str, str] = field(default_factory=dict)
+    # The pod's cgroup (cgroupfs path) and the directories pyshim made for it (removed
+    # with the pod; a cgroup kubelet made is kubelet's). The pause is in its child
+    # `pyshim-<id>`, each container in `pyshim-<container id>`.
+    cgroup_parent: str = ""
+    cgroup_created: tuple[str, ...] = ()
+    # The pod's /dev/shm (a tmpfs its containers share); "" when it uses the node's IPC.
+    shm: str = ""
     # The PodSandboxConfig exactly as received (serialized protobuf), for verbose status.
     config: bytes = b""
 
@@ -102,6 +109,9 @@ class SandboxRecord:
             "namespaces": self.namespaces.as_dict(),
             "network": None if self.network is None else _network_json(self.network),
             "files": self.files,
+            "cgroup_parent": self.cgroup_parent,
+            "cgroup_created": list(self.cgroup_created),
+            "shm": self.shm,
             "config": base64.b64encode(self.config).decode(),
         }
 
@@ -133,6 +143,9 @@ class SandboxRecord:
             namespaces=NamespacePaths.of(data["namespaces"]),
             network=None if data.get("network") is None else _network_from_json(data["network"]),
             files=dict(data.get("files", {})),
+            cgroup_parent=str(data.get("cgroup_parent", "")),
+            cgroup_created=tuple(str(d) for d in data.get("cgroup_created", ())),
+            shm=str(data.get("shm", "")),
             config=base64.b64decode(data["config"]),
         )
 

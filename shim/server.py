@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -28,8 +29,17 @@ from google.protobuf.message import DecodeError, Message
 
 from shim import __version__, cri, lockfile, memory, validate
 from shim._proto import api_pb2
+from shim.cgroups import Cgroups
 from shim.config import Config
-from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError, Unimplemented
+from shim.containers import runtime as runtimes
+from shim.containers import spec as oci
+from shim.containers import validate as container_validate
+from shim.containers.conmon import Conmon
+from shim.containers.lifecycle import KILL_WAIT, ContainerManager
+from shim.containers.lifecycle import ListFilter as ContainerFilter
+from shim.containers.record import ContainerState
+from shim.containers.stats import Stats
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
 from shim.images import Images
 from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
@@ -38,6 +48,7 @@ from shim.network.select import NetworkSelector
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, become_subreaper
 from shim.sandbox import ListFilter, SandboxManager
+from shim.sandbox_record import SandboxRecord, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +207,17 @@ def _fill_unimplemented(cls: type, service: str) -> type:
 
 
 class RuntimeService:
-    def __init__(self, config: Config, sandboxes: SandboxManager) -> None:
+    def __init__(
+        self, config: Config, sandboxes: SandboxManager, containers: ContainerManager, stats: Stats
+    ) -> None:
         self.config = config
         self.sandboxes = sandboxes
-        # The unfiltered list, encoded, and the generation it was made at: kubelet
+        self.containers = containers
+        self.stats = stats
+        # The unfiltered lists, encoded, and the generation each was made at: kubelet
         # relists every second and most seconds nothing changed.
         self._full_list: tuple[int, bytes] = (-1, b"")
+        self._all_containers: tuple[int, bytes] = (-1, b"")
 
     @rpc
     def Version(
@@ -221,13 +237,15 @@ class RuntimeService:
             api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
             api_pb2.RuntimeCondition(type="NetworkReady", status=ready, reason=reason, message=message),
         ]
-        response = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
+        response = api_pb2.StatusResponse(
+            status=api_pb2.RuntimeStatus(conditions=conditions), runtime_handlers=self._handlers()
+        )
         if request.verbose:
             response.info["info"] = json.dumps(self._status_info(), sort_keys=True)
         return response
 
     def _status_info(self) -> dict[str, Any]:
-        c = self.config
+        c, host = self.config, self.containers.host
         return {
             "version": __version__,
             "socket": str(c.socket),
@@ -236,11 +254,27 @@ class RuntimeService:
             "netnsDir": str(c.netns_dir),
             "network": self.sandboxes.network.describe(),
             "pause": str(self.sandboxes.pause_path),
-            "runtimeHandlers": list(c.runtime_handlers),
+            "runtimeHandlers": {
+                name: {"runtime": str(r.binary), "root": str(r.root), "createProgram": str(r.create_program)}
+                for name, r in self.containers.runtimes.items()
+                if name
+            },
+            "defaultRuntimeHandler": self.containers.runtimes[""].handler,
             "cgroupDriver": "cgroupfs",
-            "apparmor": os.path.exists("/sys/module/apparmor"),
+            "cgroups": self.containers.cgroups.mode,
+            "cgroupRoot": c.cgroup_root,
+            "apparmor": "enabled"
+            if host.apparmor
+            else "not enabled on this kernel: AppArmor profiles are ignored",
+            "seccompDefault": str(host.seccomp_default) if host.seccomp_default else None,
+            "selinux": "not enabled: SELinux options are ignored",
             "sandboxes": len(self.sandboxes.list(ListFilter())),
+            "containers": len(self.containers.select(ContainerFilter())),
         }
+
+    def _handlers(self) -> list[api_pb2.RuntimeHandler]:
+        features = api_pb2.RuntimeHandlerFeatures(recursive_read_only_mounts=self.containers.host.rro)
+        return [api_pb2.RuntimeHandler(name=name, features=features) for name in self.containers.runtimes]
 
     @rpc
     def RuntimeConfig(
@@ -255,7 +289,7 @@ class RuntimeService:
     def RunPodSandbox(
         self, request: api_pb2.RunPodSandboxRequest, context: grpc.ServicerContext
     ) -> api_pb2.RunPodSandboxResponse:
-        spec = validate.sandbox_spec(request, self.config.runtime_handlers)
+        spec = validate.sandbox_spec(request, self.config.handler_names)
         return api_pb2.RunPodSandboxResponse(
             pod_sandbox_id=self.sandboxes.run(spec, context.time_remaining())
         )
@@ -314,39 +348,158 @@ class RuntimeService:
             self._full_list = (generation, encoded)
         return encoded
 
-    # ---- containers: none exist yet (the container lifecycle is still to come) -------
-    # kubelet relists containers every second and fails every pod's sync if that
-    # errors; answering the truth (no containers) keeps sandbox-only use working.
+    # ---- containers ---------------------------------------------------------------
 
     @rpc
-    def ListContainers(
-        self, request: api_pb2.ListContainersRequest, context: grpc.ServicerContext
-    ) -> api_pb2.ListContainersResponse:
-        return api_pb2.ListContainersResponse()
+    def CreateContainer(
+        self, request: api_pb2.CreateContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.CreateContainerResponse:
+        spec = container_validate.container_spec(request)
+        return api_pb2.CreateContainerResponse(container_id=self.containers.create(spec))
 
     @rpc
-    def ContainerStatus(
-        self, request: api_pb2.ContainerStatusRequest, context: grpc.ServicerContext
-    ) -> api_pb2.ContainerStatusResponse:
-        raise NotFound(f"container {request.container_id[:80]!r} not found")
+    def StartContainer(
+        self, request: api_pb2.StartContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.StartContainerResponse:
+        self.containers.start(validate.id_prefix(request.container_id, "container id"))
+        return api_pb2.StartContainerResponse()
 
     @rpc
     def StopContainer(
         self, request: api_pb2.StopContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.StopContainerResponse:
-        return api_pb2.StopContainerResponse()  # unknown ids succeed, as the CRI asks
+        timeout = max(0.0, float(request.timeout))
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Leave time for the SIGKILL that follows a grace period the deadline cuts short.
+            timeout = min(timeout, max(remaining - KILL_WAIT, 0.0))
+        self.containers.stop(_required_id(request.container_id, "container_id"), timeout)
+        return api_pb2.StopContainerResponse()
 
     @rpc
     def RemoveContainer(
         self, request: api_pb2.RemoveContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.RemoveContainerResponse:
+        self.containers.remove(_required_id(request.container_id, "container_id"))
         return api_pb2.RemoveContainerResponse()
+
+    @rpc
+    def ListContainers(self, request: api_pb2.ListContainersRequest, context: grpc.ServicerContext) -> bytes:
+        if not request.HasField("filter") or request.filter.ByteSize() == 0:
+            generation = self.containers.generation  # read first: a change during the list bumps it
+            cached_generation, encoded = self._all_containers
+            if cached_generation != generation:
+                encoded = cri.list_containers_response(self.containers.select(ContainerFilter()))
+                self._all_containers = (generation, encoded)
+            return encoded
+        flt = request.filter
+        if (flt.id and not _looks_like_id(flt.id)) or (
+            flt.pod_sandbox_id and not _looks_like_id(flt.pod_sandbox_id)
+        ):
+            return b""  # nothing can have such an id
+        state = None
+        if flt.HasField("state"):
+            state = cri.container_state_from_cri(flt.state.state)
+            if state is None:
+                return b""
+        records = self.containers.select(
+            ContainerFilter(
+                id_prefix=flt.id,
+                state=state,
+                sandbox_id=flt.pod_sandbox_id,
+                labels=tuple(flt.label_selector.items()),
+            )
+        )
+        return cri.list_containers_response(records)
+
+    @rpc
+    def ContainerStatus(
+        self, request: api_pb2.ContainerStatusRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ContainerStatusResponse:
+        container = self.containers.find(validate.id_prefix(request.container_id, "container id"))
+        record = container.record
+        response = api_pb2.ContainerStatusResponse(status=cri.container_status(record))
+        if request.verbose:
+            response.info.update(cri.container_info(record, *self.containers.runtime_info(record)))
+        return response
+
+    @rpc
+    def UpdateContainerResources(
+        self, request: api_pb2.UpdateContainerResourcesRequest, context: grpc.ServicerContext
+    ) -> api_pb2.UpdateContainerResourcesResponse:
+        container_id = validate.id_prefix(request.container_id, "container id")
+        container_validate.resources(request.linux, "linux")
+        self.containers.update_resources(container_id, request.linux)
+        return api_pb2.UpdateContainerResourcesResponse()
+
+    @rpc
+    def ReopenContainerLog(
+        self, request: api_pb2.ReopenContainerLogRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ReopenContainerLogResponse:
+        self.containers.reopen_log(validate.id_prefix(request.container_id, "container id"))
+        return api_pb2.ReopenContainerLogResponse()
+
+    @rpc
+    def ExecSync(
+        self, request: api_pb2.ExecSyncRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ExecSyncResponse:
+        container_id = validate.id_prefix(request.container_id, "container id")
+        cmd = container_validate.command(request.cmd, "cmd")
+        if request.timeout < 0:
+            raise InvalidArgument(f"timeout {request.timeout} must not be negative")
+        result = self.containers.exec_sync(container_id, cmd, float(request.timeout))
+        return api_pb2.ExecSyncResponse(
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
+        )
+
+    @rpc
+    def ContainerStats(
+        self, request: api_pb2.ContainerStatsRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ContainerStatsResponse:
+        record = self.containers.get(validate.id_prefix(request.container_id, "container id"))
+        return api_pb2.ContainerStatsResponse(stats=self.stats.container(record))
 
     @rpc
     def ListContainerStats(
         self, request: api_pb2.ListContainerStatsRequest, context: grpc.ServicerContext
     ) -> api_pb2.ListContainerStatsResponse:
-        return api_pb2.ListContainerStatsResponse()
+        flt = request.filter
+        if (flt.id and not _looks_like_id(flt.id)) or (
+            flt.pod_sandbox_id and not _looks_like_id(flt.pod_sandbox_id)
+        ):
+            return api_pb2.ListContainerStatsResponse()
+        records = self.containers.select(
+            ContainerFilter(
+                id_prefix=flt.id,
+                state=ContainerState.RUNNING,
+                sandbox_id=flt.pod_sandbox_id,
+                labels=tuple(flt.label_selector.items()),
+            )
+        )
+        return api_pb2.ListContainerStatsResponse(stats=[self.stats.container(r) for r in records])
+
+    @rpc
+    def PodSandboxStats(
+        self, request: api_pb2.PodSandboxStatsRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PodSandboxStatsResponse:
+        record = self.sandboxes.get(validate.id_prefix(request.pod_sandbox_id))
+        return api_pb2.PodSandboxStatsResponse(stats=self._pod_stats(record))
+
+    @rpc
+    def ListPodSandboxStats(
+        self, request: api_pb2.ListPodSandboxStatsRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListPodSandboxStatsResponse:
+        flt = request.filter
+        if flt.id and not _looks_like_id(flt.id):
+            return api_pb2.ListPodSandboxStatsResponse()
+        records = self.sandboxes.list(
+            ListFilter(id_prefix=flt.id, state=SandboxState.READY, labels=tuple(flt.label_selector.items()))
+        )
+        return api_pb2.ListPodSandboxStatsResponse(stats=[self._pod_stats(r) for r in records])
+
+    def _pod_stats(self, record: SandboxRecord) -> api_pb2.PodSandboxStats:
+        running = self.containers.select(ContainerFilter(sandbox_id=record.id, state=ContainerState.RUNNING))
+        return self.stats.sandbox(record, running)
 
 
 class ImageService:
@@ -405,10 +558,17 @@ _fill_unimplemented(RuntimeService, "RuntimeService")
 _fill_unimplemented(ImageService, "ImageService")
 
 
-def _required_id(value: str) -> str:
+def _required_id(value: str, what: str = "pod_sandbox_id") -> str:
     if not value:
-        raise InvalidArgument("pod_sandbox_id is required")
+        raise InvalidArgument(f"{what} is required")
     return value
+
+
+def _program(name: str) -> Path:
+    found = shutil.which(name) if "/" not in name else name
+    if found is None or not os.access(found, os.X_OK):
+        raise FailedPrecondition(f"{name} is not installed (Debian package conmon)")
+    return Path(found)
 
 
 def _looks_like_id(value: str) -> bool:
@@ -458,11 +618,33 @@ class Daemon:
             config.insecure_registries,
             registry_hosts.load(config.registry_config_dir),
         )
-        self.sandboxes = SandboxManager(config, pause, self.watcher, self.network)
+        self.cgroups = Cgroups()
+        self.host = oci.HostFacts.detect(self.cgroups.controllers, self.cgroups.mode == "v2")
+        self.runtimes = runtimes.load(
+            config.runtime_handlers, config.run_root / "runtimes", self.cgroups.mode == "hybrid"
+        )
+        conmon = Conmon(
+            _program(config.conmon), self.cgroups, config.run_root / "attach", config.create_timeout
+        )
+        self.sandboxes = SandboxManager(config, pause, self.watcher, self.network, self.cgroups)
+        self.containers = ContainerManager(
+            config,
+            self.sandboxes,
+            self.images,
+            self.layers,
+            self.cgroups,
+            self.host,
+            self.watcher,
+            self.runtimes,
+            conmon,
+        )
+        self.stats = Stats(self.cgroups, self.layers.mounts_dir)
         self.server: grpc.Server | None = None
 
     def start(self) -> None:
         # Recovery before the socket exists: no call ever sees half-loaded state.
+        # Containers first: a pod is judged (and swept) knowing its containers.
+        self.containers.recover()
         self.sandboxes.recover()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers, thread_name_prefix="rpc"),
@@ -474,7 +656,9 @@ class Daemon:
         )
         server.add_generic_rpc_handlers(
             (
-                _generic_handler(RuntimeService(self.config, self.sandboxes), "RuntimeService"),
+                _generic_handler(
+                    RuntimeService(self.config, self.sandboxes, self.containers, self.stats), "RuntimeService"
+                ),
                 _generic_handler(ImageService(self.config, self.images), "ImageService"),
             )
         )

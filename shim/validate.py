@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shim._proto import api_pb2
+from shim.cgroups import Limits
 from shim.errors import InvalidArgument, Unimplemented
 from shim.network import PortMapping
 from shim.network.files import DnsConfig
@@ -46,6 +47,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
 _ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9_.:@=+-]{1,255}")
+MAX_CGROUP_PATH = 1024
+_CPUSET = re.compile(r"(|[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?){0,255})")
 _SYSCTL = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 # Namespaced sysctls (the pod's net, ipc namespaces); anything else would change the node.
 _NAMESPACED_SYSCTLS = re.compile(r"net\..+|kernel\.shm.+|kernel\.msg.+|kernel\.sem|fs\.mqueue\..+")
@@ -65,6 +69,10 @@ class SandboxSpec:
     sysctls: dict[str, str] = field(default_factory=dict)
     dns: DnsConfig = field(default_factory=DnsConfig)
     port_mappings: tuple[PortMapping, ...] = ()
+    # cgroupfs path of the pod's cgroup ("" lets pyshim choose), and the limits it gets if
+    # pyshim has to create it (the pod's resources plus its overhead).
+    cgroup_parent: str = ""
+    limits: Limits = field(default_factory=Limits)
     config: bytes = b""
 
     @property
@@ -132,6 +140,8 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
         sysctls=sysctls,
         dns=_dns(config),
         port_mappings=_port_mappings(config),
+        cgroup_parent=cgroup_path(config.linux.cgroup_parent, "linux.cgroup_parent"),
+        limits=_pod_limits(config.linux),
         config=config.SerializeToString(deterministic=True),
     )
 
@@ -298,3 +308,41 @@ def id_prefix(value: str, what: str = "pod sandbox id") -> str:
     _check(bool(value), f"{what} is required")
     _check(bool(_ID_PREFIX.fullmatch(value)), f"{what} {value[:80]!r} is not 1-64 lowercase hex characters")
     return value
+
+
+def cgroup_path(value: str, what: str) -> str:
+    """A cgroupfs path from a request: absolute, plain names, no '..'; "" stays ""."""
+    if not value:
+        return ""
+    parts = value.split("/")
+    _check(
+        value.startswith("/")
+        and len(value) <= MAX_CGROUP_PATH
+        and all(_CGROUP_NAME.fullmatch(p) and p not in (".", "..") for p in parts[1:] if p),
+        f"{what} {value[:80]!r} must be an absolute cgroupfs path of plain names (e.g. /kubepods/pod<uid>)",
+    )
+    return "/" + "/".join(p for p in parts if p)
+
+
+def _pod_limits(linux: api_pb2.LinuxPodSandboxConfig) -> Limits:
+    """What kubelet would set on the pod cgroup: the pod's resources plus its overhead."""
+    res, extra = linux.resources, linux.overhead
+    for r, name in ((res, "resources"), (extra, "overhead")):
+        for field_name in ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_in_bytes"):
+            _check(getattr(r, field_name) >= 0, f"linux.{name}.{field_name} must not be negative")
+        for field_name in ("cpuset_cpus", "cpuset_mems"):
+            _check(
+                bool(_CPUSET.fullmatch(getattr(r, field_name))),
+                f"linux.{name}.{field_name} {getattr(r, field_name)[:80]!r} is not a list like 0-3,6",
+            )
+    period = res.cpu_period or extra.cpu_period
+    return Limits(
+        cpu_shares=res.cpu_shares + extra.cpu_shares,
+        cpu_quota=res.cpu_quota + extra.cpu_quota if res.cpu_quota or extra.cpu_quota else 0,
+        cpu_period=period,
+        memory_limit=res.memory_limit_in_bytes + extra.memory_limit_in_bytes
+        if res.memory_limit_in_bytes
+        else 0,
+        cpuset_cpus=res.cpuset_cpus,
+        cpuset_mems=res.cpuset_mems,
+    )

@@ -200,8 +200,12 @@ class Images:
             return
         self.store.delete(record.id)
         if self.layers is not None:
-            self.layers.remove_unused({d for r in self.store.images() for d in r.layers})
+            self.layers.remove_unused(self.live_layers())
         log.info("event=image_removed image=%s", record.id)
+
+    def live_layers(self) -> set[str]:
+        """Layers of every image in the store."""
+        return {d for r in self.store.images() for d in r.layers}
 
     def verbose_info(self, record: ImageRecord) -> dict[str, str]:
         info = {

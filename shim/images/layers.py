@@ -13,7 +13,6 @@ runtime); FIFOs are made.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -21,9 +20,11 @@ import shutil
 import stat
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from shim import mounts
 from shim.errors import DataLoss, FailedPrecondition, Internal
 from shim.images.store import ImageRecord, ImageStore
 
@@ -31,12 +32,7 @@ log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
-_MNT_DETACH = 2
 _MAX_MOUNT_DATA = 4000  # overlayfs' options must fit a page
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class UnsafeLayer(DataLoss):
@@ -170,13 +166,13 @@ class LayerStore:
             shutil.rmtree(stale, ignore_errors=True)  # an unpack a crash interrupted
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # Layers under live root filesystems (the containers' own): never removed.
+        self.in_use: Callable[[], set[str]] = set
 
     def unpacked(self, digest: str) -> Path:
         """The layer's directory, unpacking it the first time (once, even concurrently)."""
         target = self.directory / digest.removeprefix("sha256:")
-        with self._locks_lock:
-            lock = self._locks.setdefault(digest, threading.Lock())
-        with lock:
+        with self._lock_of(digest):
             if target.exists():
                 return target
             tmp = self.directory / f".tmp-{target.name}"
@@ -202,25 +198,34 @@ class LayerStore:
             (base / d).mkdir(parents=True, exist_ok=True)
             os.chmod(base / d, 0o755)  # the upper dir is the container's "/": not the umask's 0700
         rootfs = base / "rootfs"
-        if _libc.mount(b"overlay", bytes(rootfs), b"overlay", 0, options.encode()) != 0:
-            err = ctypes.get_errno()
+        try:
+            mounts.mount("overlay", rootfs, "overlay", 0, options)
+        except Internal as exc:
             shutil.rmtree(base, ignore_errors=True)
-            raise Internal(f"mounting the root filesystem of {key}: {os.strerror(err)}")
+            raise Internal(f"the root filesystem of {key}: {exc}") from None
         return rootfs
 
     def release(self, key: str) -> None:
         """Unmount and delete; idempotent."""
         base = self.mounts_dir / key
-        rootfs = base / "rootfs"
-        if _libc.umount2(bytes(rootfs), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                raise Internal(f"unmounting the root filesystem of {key}: {os.strerror(err)}")
+        mounts.umount(base / "rootfs")
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(base)
 
     def remove_unused(self, live_layers: set[str]) -> None:
-        """Delete unpacked layers no image uses any more."""
+        """Delete unpacked layers no image and no container uses any more. A layer
+        under a container's root filesystem stays (with the container) even after its
+        image is removed, as containerd keeps a removed image's snapshots in use."""
         for path in self.directory.iterdir():
-            if not path.name.startswith(".") and f"sha256:{path.name}" not in live_layers:
-                shutil.rmtree(path, ignore_errors=True)
+            digest = f"sha256:{path.name}"
+            if path.name.startswith(".") or digest in live_layers:
+                continue
+            # Under the layer's own lock, checked again: a container being made registers
+            # its layers before it unpacks or mounts them, which waits for this lock.
+            with self._lock_of(digest):
+                if digest not in self.in_use():
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def _lock_of(self, digest: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(digest, threading.Lock())

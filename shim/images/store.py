@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ class ImageConfig:
     user: str = ""
     exposed_ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
+    stop_signal: int = 0  # the image's StopSignal as a number; 0: none given
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ImageConfig:
@@ -57,6 +59,7 @@ class ImageConfig:
             user=c.get("User") or "",
             exposed_ports=tuple(sorted(c.get("ExposedPorts") or {})),
             volumes=tuple(sorted(c.get("Volumes") or {})),
+            stop_signal=signal_number(c.get("StopSignal") or ""),
         )
 
 
@@ -92,6 +95,7 @@ class ImageRecord:
                 "user": c.user,
                 "exposed_ports": list(c.exposed_ports),
                 "volumes": list(c.volumes),
+                "stop_signal": c.stop_signal,
             },
         }
 
@@ -115,6 +119,7 @@ class ImageRecord:
                 user=c["user"],
                 exposed_ports=tuple(c["exposed_ports"]),
                 volumes=tuple(c["volumes"]),
+                stop_signal=int(c.get("stop_signal", 0)),
             ),
         )
 
@@ -306,6 +311,20 @@ class ImageStore:
         write_atomically(path, json.dumps(record.to_json(), separators=(",", ":")).encode())
         self._images[record.id] = record
         self._seen_mtime = self.record_dir.stat().st_mtime_ns  # our own change: no reload
+
+
+def signal_number(value: object) -> int:
+    """An image's StopSignal ("SIGTERM", "TERM", "15") as a number; 0 if none or unknown."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return 0
+    text = str(value).strip().upper()
+    if text.isdigit():
+        return int(text) if 0 < int(text) < 65 else 0
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return 0
 
 
 def _union(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:

@@ -1,0 +1,99 @@
+"""ExecSync: a command run in a running container, its output and exit code.
+
+The OCI runtime's `exec` runs it (with the container's process settings: user,
+environment, capabilities); its stdout and stderr come back on pipes, each
+bounded. On timeout the command and everything it started are killed: the
+runtime's client alone would leave a grandchild holding the pipes open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import selectors
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.containers.runtime import Runtime
+from shim.errors import DeadlineExceeded, ResourceExhausted
+
+# Each of stdout and stderr; the reply must also fit a gRPC message (16 MiB).
+MAX_OUTPUT = 7 * 1024 * 1024
+_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+
+
+def exec_sync(
+    runtime: Runtime, container_id: str, bundle: Path, cmd: list[str], timeout: float
+) -> ExecResult:
+    """Run `cmd` in the container; timeout 0 waits for ever."""
+    pid_file = bundle / f"exec-{secrets.token_hex(8)}.pid"
+    proc = subprocess.Popen(
+        runtime.argv("exec", "--pid-file", str(pid_file), container_id, *cmd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_ENV,
+        start_new_session=True,
+    )
+    try:
+        out, err, problem = _collect(proc, time.monotonic() + timeout if timeout > 0 else None)
+        if problem is not None:
+            _kill(proc, pid_file)
+            proc.wait()
+            if problem == "timeout":
+                raise DeadlineExceeded(
+                    f"ExecSync in {container_id}: the command did not end within {timeout:g}s"
+                )
+            raise ResourceExhausted(
+                f"ExecSync in {container_id}: the command wrote more than {MAX_OUTPUT} bytes to {problem}; "
+                "it was killed"
+            )
+        return ExecResult(stdout=out, stderr=err, exit_code=proc.wait())
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+def _collect(proc: subprocess.Popen[bytes], deadline: float | None) -> tuple[bytes, bytes, str | None]:
+    assert proc.stdout is not None and proc.stderr is not None
+    chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+    sizes = {"stdout": 0, "stderr": 0}
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        while selector.get_map():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return b"", b"", "timeout"
+            for key, _ in selector.select(wait):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                sizes[key.data] += len(data)
+                if sizes[key.data] > MAX_OUTPUT:
+                    return b"", b"", str(key.data)
+                chunks[key.data].append(data)
+    return b"".join(chunks["stdout"]), b"".join(chunks["stderr"]), None
+
+
+def _kill(proc: subprocess.Popen[bytes], pid_file: Path) -> None:
+    """The command's process group inside the container, then the runtime's client."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().strip())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
