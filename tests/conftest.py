@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cgrouptools import cgroups_under, remove_cgroups_under
 
 from shim._proto import api_pb2, api_pb2_grpc
 
@@ -103,6 +104,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pause_pids() -> set[int]:
     """Live pyshim-pause processes on the machine."""
+    return live_pids("pyshim-pause")
+
+
+def conmon_pids() -> set[int]:
+    """Live conmon processes on the machine."""
+    return live_pids("conmon")
+
+
+def live_pids(comm: str) -> set[int]:
     pids = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -112,18 +122,29 @@ def pause_pids() -> set[int]:
                 stat = f.read()
         except OSError:
             continue
-        if "(pyshim-pause)" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
+        if f"({comm})" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
             pids.add(int(entry.name))
     return pids
 
 
 def nsfs_mounts_under(root: Path) -> list[str]:
+    return [point for point, fstype in mounts_under(root) if fstype == "nsfs"]
+
+
+def mounts_under(root: Path) -> list[tuple[str, str]]:
+    """(mount point, type) of every mount at or below `root`: pins, overlays, each pod's /dev/shm."""
+    found = []
     with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if " nsfs " in line and line.split()[4].startswith(str(root))]
+        for line in f:
+            fields = line.split()
+            point, fstype = fields[4], fields[fields.index("-") + 1]
+            if point == str(root) or point.startswith(f"{root}/"):
+                found.append((point, fstype))
+    return found
 
 
 def reap_our_zombies() -> None:
-    """Reap pauses that were re-parented to this process (see pytest_configure)."""
+    """Reap pauses and conmons re-parented to this process (see pytest_configure)."""
     me = os.getpid()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -134,7 +155,8 @@ def reap_our_zombies() -> None:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if "(pyshim-pause)" in stat and fields[0] == "Z" and int(fields[1]) == me:
+        ours = "(pyshim-pause)" in stat or "(conmon)" in stat
+        if ours and fields[0] == "Z" and int(fields[1]) == me:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry.name), os.WNOHANG)
 
@@ -167,6 +189,11 @@ class Daemon:
     @property
     def bridge(self) -> str:
         return f"pst{self.tag}"
+
+    @property
+    def cgroup_root(self) -> str:
+        """Pods that name no cgroup parent get theirs under this one, the test's own."""
+        return f"/pyshim-test-{self.tag}"
 
     @property
     def nft_table(self) -> str:
@@ -224,6 +251,8 @@ class Daemon:
             # Nor does the node's registry configuration.
             "--registry-config-dir",
             str(self.base / "certs.d"),
+            "--cgroup-root",
+            self.cgroup_root,
             *self.extra_args,
         ]
 
@@ -281,6 +310,7 @@ class Daemon:
         ids = {p.stem for p in (self.root / "sandboxes").glob("*.json")}
         ids |= {p.name for p in (self.run_root / "sandboxes").glob("*")}
         leftovers: list[str] = []
+        api_ok = False
         try:
             if self.proc is not None and self.proc.poll() is None and self.channel is not None:
                 for pod in self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items:
@@ -289,6 +319,7 @@ class Daemon:
                     )
                 # Every pod is gone: none of their host ports may stay in the table's maps.
                 leftovers = self.nft_map_elements()
+                api_ok = True
         except Exception as exc:  # the daemon still stops and the sweep below still runs
             print(f"cleanup: removing pods through the API failed: {exc!r}")
         finally:
@@ -307,15 +338,32 @@ class Daemon:
             if any(i.encode() in argv for i in ids):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        for mountpoint in nsfs_mounts_under(self.base):
+        for pid in conmon_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    mine = str(self.base).encode() in f.read()
+            except OSError:
+                continue
+            if mine:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        cgroups_left = [d for d in cgroups_under(self.cgroup_root) if not d.endswith(self.cgroup_root)]
+        for directory in cgroups_left:  # a container's processes: only ever in this test's cgroups
+            with contextlib.suppress(OSError), open(f"{directory}/cgroup.procs") as f:
+                for pid in f.read().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+        for mountpoint, _ in reversed(mounts_under(self.base)):
             subprocess.run(["umount", "-l", mountpoint], check=False)
         time.sleep(0.05)
         reap_our_zombies()
+        remove_cgroups_under(self.cgroup_root)
         # The node-level network pieces this daemon made: its bridge and its table.
         ip = ["ip", "-n", self.netns] if self.netns else ["ip"]
         subprocess.run([*ip, "link", "del", self.bridge], capture_output=True, check=False)
         subprocess.run([*self.nft, "delete", "table", "ip", self.nft_table], capture_output=True, check=False)
         assert leftovers == [], f"host-port map elements left after every pod was removed: {leftovers}"
+        assert self.proc is None or api_ok is False or cgroups_left == [], f"cgroups left: {cgroups_left}"
 
     @property
     def nft(self) -> list[str]:
@@ -368,6 +416,7 @@ def daemon(daemon_factory: type[Daemon]) -> Daemon:
 def leak_check(tmp_path: Path) -> Iterator[None]:
     """After each test: no pause it made is alive, no namespace pin is mounted, no veth left."""
     before = pause_pids()
+    conmons_before = conmon_pids()
     veths_before = veth_names() if IS_ROOT else set()
     forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     default_bridge_before = Path("/sys/class/net/pyshim0").exists()
@@ -375,11 +424,14 @@ def leak_check(tmp_path: Path) -> Iterator[None]:
     yield
     reap_our_zombies()
     deadline = time.monotonic() + 5
-    while ((pause_pids() - before) or (veth_names() - veths_before)) and time.monotonic() < deadline:
+    while (
+        (pause_pids() - before) or (conmon_pids() - conmons_before) or (veth_names() - veths_before)
+    ) and time.monotonic() < deadline:
         time.sleep(0.05)
         reap_our_zombies()
     assert pause_pids() - before == set(), "pause processes left behind"
-    assert nsfs_mounts_under(tmp_path) == [], "namespace pins left mounted"
+    assert conmon_pids() - conmons_before == set(), "conmon processes left behind"
+    assert mounts_under(tmp_path) == [], "mounts left (pins, root filesystems, /dev/shm)"
     assert veth_names() - veths_before == set(), "veths left behind"
     # Tests run their daemons on bridges of their own and never touch node-wide settings.
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forward_before, "ip_forward changed"

@@ -18,18 +18,25 @@ from imagetools import oci_layout
 from shim._proto import api_pb2
 
 IMAGE = "pyshim.test/busybox:1"
-APPLETS = (
+_APPLET_NAMES = (
     "sh cat echo env hostname id ip ls mkdir nc ps pwd readlink rm sleep stat sync tail test "
     "touch true false uname wc yes dd head grep seq kill nproc ifconfig nslookup wget"
-).split()
-PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\napp:x:1000:1000::/home/app:/bin/sh\n"
+)
+APPLETS = tuple(_APPLET_NAMES.split())
+PASSWD = (
+    b"root:x:0:0:root:/root:/bin/sh\n"
+    b"nobody:x:65534:65534:nobody:/:/bin/false\n"
+    b"app:x:1000:1000::/home/app:/bin/sh\n"
+)
 GROUP = b"root:x:0:\nnobody:x:65534:\napp:x:1000:\nextra:x:2000:app\nother:x:3000:nobody,app\n"
 
 
 def static_busybox() -> Path:
     """Debian's busybox-static (installed by scripts/install-system-deps test): static,
     so it runs in a root filesystem that has no libraries."""
-    listed = subprocess.run(["dpkg-query", "-L", "busybox-static"], capture_output=True, text=True, check=False)
+    listed = subprocess.run(
+        ["dpkg-query", "-L", "busybox-static"], capture_output=True, text=True, check=False
+    )
     paths = [line for line in listed.stdout.splitlines() if line.endswith("bin/busybox")]
     assert paths, "busybox-static is not installed: run scripts/install-system-deps test"
     return Path(paths[0])
@@ -39,7 +46,9 @@ def busybox_layer() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
-        def add(name: str, kind: bytes = tarfile.DIRTYPE, mode: int = 0o755, data: bytes = b"", link: str = "") -> None:
+        def add(
+            name: str, kind: bytes = tarfile.DIRTYPE, mode: int = 0o755, data: bytes = b"", link: str = ""
+        ) -> None:
             info = tarfile.TarInfo(name)
             info.type, info.mode, info.size, info.linkname = kind, mode, len(data), link
             tar.addfile(info, io.BytesIO(data) if data else None)
@@ -62,7 +71,8 @@ def busybox_archive(directory: Path, config: dict[str, object] | None = None) ->
         layout,
         "1",
         [busybox_layer()],
-        config=config or {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "StopSignal": "SIGTERM"},
+        config=config
+        or {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "StopSignal": "SIGTERM"},
     )
     archive = directory / "busybox.tar"
     with tarfile.open(archive, "w") as tar:
@@ -73,7 +83,18 @@ def busybox_archive(directory: Path, config: dict[str, object] | None = None) ->
 
 def import_image(daemon: Daemon, archive: Path, name: str = IMAGE) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "shim", "images", "import", str(archive), "--root", str(daemon.root), "--name", name],
+        [
+            sys.executable,
+            "-m",
+            "shim",
+            "images",
+            "import",
+            str(archive),
+            "--root",
+            str(daemon.root),
+            "--name",
+            name,
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -1,0 +1,305 @@
+"""Containers that join their pod, on runc and crun under conmon: namespaces,
+lifecycle, logs, exits, stop escalation, ExecSync, and what a pod's removal leaves
+(nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cgrouptools import cgroups_under
+from conftest import Daemon, conmon_pids, mounts_under, pod_config
+from containertools import (
+    IMAGE,
+    busybox_archive,
+    container_config,
+    create,
+    exec_sync,
+    import_image,
+    info,
+    run,
+    start,
+    status,
+    wait_state,
+)
+
+from shim._proto import api_pb2
+
+pytestmark = pytest.mark.root
+
+RUNTIMES = ("runc", "crun")
+
+
+@pytest.fixture(scope="session")
+def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return busybox_archive(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
+    import_image(daemon, busybox)
+    return daemon
+
+
+@pytest.fixture(params=RUNTIMES)
+def handler(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def pod(daemon: Daemon, handler: str, **kwargs: object) -> tuple[str, api_pb2.PodSandboxConfig]:
+    config = pod_config(**kwargs)  # type: ignore[arg-type]
+    config.log_directory = str(daemon.base / "logs" / config.metadata.name)
+    request = api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler)
+    return daemon.runtime.RunPodSandbox(request, timeout=30).pod_sandbox_id, config
+
+
+def pod_info(daemon: Daemon, sandbox_id: str) -> dict:  # type: ignore[type-arg]
+    response = daemon.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True), timeout=10
+    )
+    return json.loads(response.info["info"])  # type: ignore[no-any-return]
+
+
+def pid_of(daemon: Daemon, container_id: str) -> int:
+    return int(info(daemon, container_id)["pid"])
+
+
+def test_containers_join_the_pods_namespaces(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler, hostname="web-0", pid=api_pb2.POD)
+    pause = pod_info(cdaemon, sandbox_id)
+    server = run(
+        cdaemon, sandbox_id, container_config("server", ["nc", "-l", "-p", "8080", "-e", "echo", "hi"])
+    )
+    client = run(cdaemon, sandbox_id, container_config("client"))
+    for container_id in (server, client):
+        pid = pid_of(cdaemon, container_id)
+        for kind in ("net", "ipc", "uts", "pid"):
+            assert os.stat(f"/proc/{pid}/ns/{kind}").st_ino == os.stat(pause["namespaces"][kind]).st_ino, kind
+        assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat(f"/proc/{pause['pid']}/ns/mnt").st_ino
+    # localhost is the pod's: the client reaches the server's port on 127.0.0.1.
+    deadline = time.monotonic() + 10
+    while True:
+        answer = exec_sync(cdaemon, client, "nc", "127.0.0.1", "8080", timeout=5)
+        if answer.stdout == b"hi\n" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert answer.stdout == b"hi\n"
+    assert exec_sync(cdaemon, client, "hostname").stdout == b"web-0\n"
+    # POD pid mode: the pause is PID 1 of the containers' pid namespace.
+    assert exec_sync(cdaemon, client, "cat", "/proc/1/comm").stdout == b"pyshim-pause\n"
+    ip = cdaemon.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id), timeout=10
+    ).status.network.ip
+    assert ip.encode() in exec_sync(cdaemon, client, "ip", "-o", "-4", "addr", "show", "eth0").stdout
+
+
+def test_container_pid_mode_has_its_own_pid_namespace(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.CONTAINER)
+    container_id = run(cdaemon, sandbox_id, container_config("own"))
+    assert exec_sync(cdaemon, container_id, "cat", "/proc/1/comm").stdout == b"sleep\n"
+    pid = pid_of(cdaemon, container_id)
+    assert os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+
+
+def test_lifecycle_states_and_status(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, pod_cfg = pod(cdaemon, handler)
+    config = container_config("app", ["sh", "-c", "echo out; echo err >&2; exit 3"], labels={"tier": "a"})
+    container_id = create(cdaemon, sandbox_id, config, pod_cfg)
+    st = status(cdaemon, container_id).status
+    assert st.state == api_pb2.CONTAINER_CREATED and st.created_at > 0 and st.started_at == 0
+    assert st.metadata.name == "app" and dict(st.labels) == {"tier": "a"} and st.image.image == IMAGE
+    assert st.image_id.startswith("sha256:") and st.log_path.endswith("app/0.log")
+    start(cdaemon, container_id)
+    st = wait_state(cdaemon, container_id, api_pb2.CONTAINER_EXITED)
+    assert st.state == api_pb2.CONTAINER_EXITED and st.exit_code == 3 and st.reason == "Error"
+    assert st.started_at >= st.created_at and st.finished_at >= st.started_at
+    log_lines = Path(st.log_path).read_text().splitlines()
+    assert {line.split(" ", 3)[1:] for line in log_lines} == {["stdout", "F", "out"], ["stderr", "F", "err"]}
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d", line.split()[0])
+        for line in log_lines
+    )
+    listed = cdaemon.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers
+    assert [c.id for c in listed] == [container_id]
+    done = run(cdaemon, sandbox_id, container_config("done", ["true"]))
+    assert wait_state(cdaemon, done, api_pb2.CONTAINER_EXITED).reason == "Completed"
+    for flt, expected in (
+        (api_pb2.ContainerFilter(id=container_id[:10]), [container_id]),
+        (api_pb2.ContainerFilter(pod_sandbox_id=sandbox_id[:10]), [done, container_id]),
+        (api_pb2.ContainerFilter(label_selector={"tier": "a"}), [container_id]),
+        (api_pb2.ContainerFilter(state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING)), []),
+        (api_pb2.ContainerFilter(pod_sandbox_id="f" * 64), []),
+    ):
+        found = cdaemon.runtime.ListContainers(api_pb2.ListContainersRequest(filter=flt), timeout=10)
+        assert sorted(c.id for c in found.containers) == sorted(expected)
+    details = info(cdaemon, container_id)
+    assert details["sandboxID"] == sandbox_id and details["runtime"]["kind"] == handler
+    assert details["runtimeSpec"]["process"]["args"] == ["sh", "-c", "echo out; echo err >&2; exit 3"]
+    assert "hostname" not in details["runtimeSpec"]
+
+
+def test_duplicate_names_and_bad_targets_are_refused(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    first = create(cdaemon, sandbox_id, container_config("dup"))
+    with pytest.raises(grpc.RpcError) as err:
+        create(cdaemon, sandbox_id, container_config("dup"))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and first in (err.value.details() or "")
+    assert create(cdaemon, sandbox_id, container_config("dup", attempt=1))
+    for pod_id, config, code in (
+        ("a" * 64, container_config("x"), grpc.StatusCode.NOT_FOUND),
+        (sandbox_id, container_config("x", image="pyshim.test/missing:1"), grpc.StatusCode.NOT_FOUND),
+        (sandbox_id, container_config("x", log_path="../../escape.log"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            create(cdaemon, pod_id, config)
+        assert err.value.code() == code, err.value.details()
+    cdaemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        create(cdaemon, sandbox_id, container_config("late"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_stop_escalates_to_sigkill(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.CONTAINER)
+    stubborn = run(
+        cdaemon,
+        sandbox_id,
+        container_config("stubborn", ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]),
+    )
+    polite = run(
+        cdaemon, sandbox_id, container_config("polite", ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
+    )
+    time.sleep(0.3)  # the shells have set their traps
+    begin = time.monotonic()
+    cdaemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stubborn, timeout=1), timeout=30)
+    assert time.monotonic() - begin >= 1.0
+    st = status(cdaemon, stubborn).status
+    assert st.state == api_pb2.CONTAINER_EXITED and st.exit_code == 137
+    cdaemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=polite, timeout=30), timeout=60)
+    assert status(cdaemon, polite).status.exit_code == 0
+    # Idempotent, also for unknown ids.
+    cdaemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stubborn, timeout=1), timeout=30)
+    cdaemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id="b" * 64), timeout=30)
+    cdaemon.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id="b" * 64), timeout=30)
+
+
+def test_oom_kill_is_reported(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    config = container_config("hog", ["sh", "-c", "x=a; while :; do x=$x$x$x$x; done"])
+    config.linux.resources.memory_limit_in_bytes = 32 * 1024 * 1024
+    container_id = run(cdaemon, sandbox_id, config)
+    st = wait_state(cdaemon, container_id, api_pb2.CONTAINER_EXITED, timeout=60)
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 137, "OOMKilled")
+
+
+def test_exec_sync(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    container_id = run(cdaemon, sandbox_id, container_config("box", envs={"GREETING": "hello"}))
+    result = exec_sync(cdaemon, container_id, "sh", "-c", "echo $GREETING; echo oops >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 3)
+    begin = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(cdaemon, container_id, "sh", "-c", "sleep 60 & sleep 60", timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - begin < 10
+    time.sleep(0.2)
+    assert b"sleep 60" not in exec_sync(cdaemon, container_id, "ps", "-o", "args").stdout
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(cdaemon, container_id, "sh", "-c", "yes | head -c 20000000")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stdout" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(cdaemon, "c" * 64, "true")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_logs_are_cri_formatted_and_reopened_after_rotation(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    script = "head -c 20000 /dev/zero | tr '\\0' x; echo; echo short; while :; do echo tick; sleep 0.1; done"
+    container_id = run(cdaemon, sandbox_id, container_config("talker", ["sh", "-c", script]))
+    log_path = Path(status(cdaemon, container_id).status.log_path)
+    deadline = time.monotonic() + 10
+    while (
+        b"tick" not in (log_path.read_bytes() if log_path.exists() else b"") and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    lines = log_path.read_text().splitlines()
+    tags = [line.split(" ", 3)[2] for line in lines]
+    long_pieces = [line.split(" ", 3)[3] for line in lines[: tags.index("F") + 1]]
+    assert tags[0] == "P" and "".join(long_pieces) == "x" * 20000  # split into partial lines
+    assert lines[tags.index("F") + 1].endswith("stdout F short")
+    rotated = log_path.with_suffix(".1")
+    log_path.rename(rotated)
+    cdaemon.runtime.ReopenContainerLog(
+        api_pb2.ReopenContainerLogRequest(container_id=container_id), timeout=10
+    )
+    deadline = time.monotonic() + 10
+    while not (log_path.exists() and b"tick" in log_path.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"tick" in log_path.read_bytes()
+
+
+def test_restart_recovers_containers_and_exits_while_down(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    stays = run(cdaemon, sandbox_id, container_config("stays"))
+    ends = run(cdaemon, sandbox_id, container_config("ends", ["sh", "-c", "sleep 1.5; exit 7"]))
+    created = create(cdaemon, sandbox_id, container_config("created"))
+    pid = pid_of(cdaemon, stays)
+    cdaemon.kill9()
+    time.sleep(2.5)  # `ends` exits while no daemon runs
+    cdaemon.start()
+    assert status(cdaemon, stays).status.state == api_pb2.CONTAINER_RUNNING and pid_of(cdaemon, stays) == pid
+    st = status(cdaemon, ends).status
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 7, "Error")
+    assert st.finished_at - st.started_at >= 1_400_000_000
+    assert status(cdaemon, created).status.state == api_pb2.CONTAINER_CREATED
+    start(cdaemon, created)
+    assert status(cdaemon, created).status.state == api_pb2.CONTAINER_RUNNING
+    cdaemon.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=stays, timeout=0), timeout=30)
+    assert status(cdaemon, stays).status.exit_code == 137
+
+
+def test_removing_a_pod_with_running_containers_leaves_nothing(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.POD)
+    ids = [run(cdaemon, sandbox_id, container_config(f"c{n}")) for n in range(3)]
+    pids = [pid_of(cdaemon, i) for i in ids]
+    assert mounts_under(cdaemon.root) != [] and cgroups_under(cdaemon.cgroup_root) != []
+    cdaemon.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=60)
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert cdaemon.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+    assert mounts_under(cdaemon.base) == []
+    assert [d for d in cgroups_under(cdaemon.cgroup_root) if not d.endswith(cdaemon.cgroup_root)] == []
+    assert list((cdaemon.run_root / "containers").iterdir()) == []
+    assert list((cdaemon.root / "containers").iterdir()) == []
+    assert not any(str(cdaemon.base) in _cmdline(p) for p in conmon_pids())
+
+
+@pytest.mark.parametrize("step", ["mkdir", "rootfs", "spec", "create", "save"])
+def test_failure_at_each_create_step_leaves_nothing(
+    daemon_factory: type[Daemon], busybox: Path, step: str
+) -> None:
+    d = daemon_factory(extra_args=["--fail-at", step])  # type: ignore[call-arg]
+    import_image(d, busybox)
+    sandbox_id, _ = pod(d, "runc")
+    with pytest.raises(grpc.RpcError) as err:
+        create(d, sandbox_id, container_config("x"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL and step in (err.value.details() or "")
+    assert d.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+    assert [m for m in mounts_under(d.base) if m[1] == "overlay"] == []
+    assert list((d.run_root / "containers").iterdir()) == []
+    assert list((d.root / "containers").iterdir()) == []
+    leaves = {c.rsplit("/", 1)[-1] for c in cgroups_under(d.cgroup_root)}
+    assert {leaf for leaf in leaves if leaf.startswith("pyshim-")} == {f"pyshim-{sandbox_id}"}  # the pause's
+    # The name is free again: the same container can be made once the fault is gone.
+    d.restart(kill=False, extra_args=[])
+    assert run(d, sandbox_id, container_config("x"))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
