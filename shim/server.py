@@ -518,12 +518,7 @@ class ImageService:
     def ListImages(
         self, request: api_pb2.ListImagesRequest, context: grpc.ServicerContext
     ) -> api_pb2.ListImagesResponse:
-        wanted = request.filter.image.image
-        if wanted:
-            found = self.images.find(wanted)
-            records = [found] if found else []
-        else:
-            records = self.images.store.images()
+        records = self.images.matching(request.filter.image.image)
         return api_pb2.ListImagesResponse(images=[cri.image(r) for r in records])
 
     @rpc

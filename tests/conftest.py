@@ -176,6 +176,7 @@ class Daemon:
 
     base: Path
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to the test's own environment
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
@@ -260,7 +261,9 @@ class Daemon:
         if extra_args is not None:
             self.extra_args = extra_args
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, cwd=self.base)
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=log, cwd=self.base, env={**os.environ, **self.env}
+            )
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if self.proc.poll() is not None:

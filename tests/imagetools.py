@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import Daemon
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -159,3 +161,12 @@ def pushed_digest(registry: Registry, repository: str, tag: str) -> str:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return str(response.headers["Docker-Content-Digest"])
+
+
+def daemon_with_hosts(daemon_factory: type[Daemon], host: str, hosts_toml: str) -> Daemon:
+    """A daemon whose registry config has a hosts.toml for `host`."""
+    d = daemon_factory(start=False)  # type: ignore[call-arg]
+    host_dir = d.base / "certs.d" / host
+    host_dir.mkdir(parents=True)
+    (host_dir / "hosts.toml").write_text(hosts_toml)
+    return d.start()

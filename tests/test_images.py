@@ -11,8 +11,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from badregistry import BadRegistry
 from conftest import Daemon
-from imagetools import Registry, free_port, layer_tar, oci_layout, push, pushed_digest, start_registry
+from imagetools import (
+    Registry,
+    daemon_with_hosts,
+    free_port,
+    layer_tar,
+    oci_layout,
+    push,
+    pushed_digest,
+    start_registry,
+)
 
 from shim._proto import api_pb2
 
@@ -71,15 +81,6 @@ def corrupt_layers(registry: Registry, newest_only: bool = False) -> None:
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-
-
-def daemon_with_hosts(daemon_factory: type[Daemon], host: str, hosts_toml: str) -> Daemon:
-    """A daemon whose registry config has a hosts.toml for `host`."""
-    d = daemon_factory(start=False)  # type: ignore[call-arg]
-    host_dir = d.base / "certs.d" / host
-    host_dir.mkdir(parents=True)
-    (host_dir / "hosts.toml").write_text(hosts_toml)
-    return d.start()
 
 
 def test_pull_by_tag_list_status_remove(daemon: Daemon, image: dict[str, str]) -> None:
@@ -150,14 +151,19 @@ def test_corrupted_blob_is_rejected(daemon: Daemon, registry: Registry, image: d
     assert list((daemon.root / "images" / "tmp").iterdir()) == []
 
 
-def test_concurrent_pulls_share_the_work(daemon: Daemon, image: dict[str, str]) -> None:
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(pull(daemon, image["ref"]))) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [image["config"]] * 6
+def test_concurrent_pulls_share_the_work(daemon: Daemon) -> None:
+    # Each blob takes a while to serve, so that all six pulls are in flight together.
+    with BadRegistry(blob_delay=0.3) as registry:
+        results: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(pull(daemon, registry.ref))) for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [registry.image.config_digest] * 6
+        assert registry.blob_gets() == dict.fromkeys(registry.image.blobs, 1)  # one download each
     assert len(listed(daemon)) == 1 and len(blobs(daemon)) == 4
 
 

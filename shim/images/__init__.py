@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from shim.errors import (
     DataLoss,
@@ -24,24 +23,22 @@ from shim.errors import (
     Unavailable,
 )
 from shim.images import hosts as hosts_config
+from shim.images import manifest as parse_content
 from shim.images.hosts import Endpoint, HostConfig
 from shim.images.layers import LayerStore
-from shim.images.reference import DIGEST, Reference, parse
-from shim.images.registry import (
-    DOCKER_MANIFEST,
-    LISTS,
-    OCI_MANIFEST,
-    Credentials,
-    RegistryClient,
-    choose_platform,
-)
-from shim.images.store import ImageConfig, ImageRecord, ImageStore
+from shim.images.manifest import LISTS, MANIFESTS, Descriptor
+from shim.images.reference import Reference, is_digest, parse
+from shim.images.registry import Credentials, RegistryClient
+from shim.images.store import ImageRecord, ImageStore
 
 log = logging.getLogger(__name__)
 
 MAX_CONFIG = 16 * 1024 * 1024
 MAX_LAYER = 64 * 1024 * 1024 * 1024
-MAX_LAYERS = 256
+MIN_ID_PREFIX = 12
+# What an endpoint that is down, incomplete or misbehaving raises (RegistryClient
+# and shim.images.manifest): a mirror failing so hands over to the next endpoint.
+_ENDPOINT_FAILURES = (NotFound, Unavailable, Unauthenticated, DataLoss, FailedPrecondition)
 
 
 class Images:
@@ -63,9 +60,11 @@ class Images:
 
     def pull(self, text: str, credentials: Credentials) -> ImageRecord:
         """From the first endpoint (mirrors in order, then the upstream) that serves
-        the whole image; a mirror that fails midway hands over to the next endpoint,
-        which does not fetch again what was already verified."""
+        the whole image; a mirror that fails midway, or answers what pyshim will not
+        use, hands over to the next endpoint, which does not fetch again what was
+        already verified."""
         ref = parse(text)
+        credentials.check()
         pinned: list[str] = []
         errors: list[ShimError] = []
         record = None
@@ -74,7 +73,7 @@ class Images:
                 try:
                     record = self._pull_from(ref, client, pinned)
                     break
-                except (NotFound, Unavailable, Unauthenticated, DataLoss) as exc:
+                except _ENDPOINT_FAILURES as exc:
                     if not endpoint.mirror:
                         raise
                     log.info("event=mirror_skipped mirror=%s ref=%s reason=%r", endpoint.url, ref, str(exc))
@@ -100,58 +99,41 @@ class Images:
 
     def _pull_from(self, ref: Reference, client: RegistryClient, pinned: list[str]) -> ImageRecord:
         body, media_type, top_digest = client.manifest(ref.digest or ref.tag)
+        manifest_digest = top_digest
         if media_type in LISTS:
-            chosen = choose_platform(_json(body, "image index"))
-            body, media_type, manifest_digest = client.manifest(chosen)
-        else:
-            manifest_digest = top_digest
-        if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
-            raise FailedPrecondition(f"{ref}: manifest type {media_type!r} is not supported (schema 1?)")
-        manifest = _json(body, "manifest")
-        config_desc, layer_descs = manifest.get("config") or {}, manifest.get("layers") or []
-        if not isinstance(layer_descs, list) or len(layer_descs) > MAX_LAYERS:
-            raise FailedPrecondition(f"{ref}: the manifest's layers are not a list of at most {MAX_LAYERS}")
-        config_digest = self._fetch(client, config_desc, MAX_CONFIG, pinned)
-        layers = tuple(self._fetch(client, d, MAX_LAYER, pinned) for d in layer_descs)
+            chosen = parse_content.choose_platform(parse_content.index(body, client.name), client.name)
+            body, media_type, manifest_digest = client.manifest(_sha256(chosen, client))
+        if media_type not in MANIFESTS:
+            raise FailedPrecondition(
+                f"{client.name}: manifest type {media_type[:100]!r} of {ref} is not supported (schema 1?)"
+            )
+        manifest = parse_content.manifest(body, client.name)
+        config_digest = self._fetch(client, manifest.config, MAX_CONFIG, pinned)
+        # Read before any layer is fetched: a config pyshim cannot use fails the pull at once.
+        config = parse_content.image_config(self.store.read_blob(config_digest), client.name)
+        layers = tuple(self._fetch(client, d, MAX_LAYER, pinned) for d in manifest.layers)
         self.store.pin(manifest_digest)
         pinned.append(manifest_digest)
         if not self.store.has_blob(manifest_digest):
             self.store.put_blob(manifest_digest, body)
-        return self._record(ref, top_digest, manifest_digest, config_digest, layers, config_desc, layer_descs)
-
-    def _record(
-        self,
-        ref: Reference,
-        top_digest: str,
-        manifest_digest: str,
-        config_digest: str,
-        layers: tuple[str, ...],
-        config_desc: dict[str, Any],
-        layer_descs: list[dict[str, Any]],
-    ) -> ImageRecord:
-        config = _json(self.store.read_blob(config_digest), "image config")
         record = ImageRecord(
             id=config_digest,
             manifest_digest=manifest_digest,
             layers=layers,
-            size=_size(config_desc) + sum(_size(d) for d in layer_descs),
+            size=manifest.size,
             repo_tags=(str(ref),) if ref.tag else (),
             repo_digests=(f"{ref.name}@{top_digest}",),
-            config=ImageConfig.from_config(config),
+            config=config,
         )
         return self.store.commit(record)
 
-    def _fetch(self, client: RegistryClient, descriptor: Any, limit: int, pinned: list[str]) -> str:
-        if not isinstance(descriptor, dict):
-            raise FailedPrecondition("a manifest descriptor is not a JSON object")
-        digest = str(descriptor.get("digest", ""))
-        if not DIGEST.match(digest):
-            raise FailedPrecondition(f"unsupported or malformed digest {digest[:80]!r}")
-        size = _size(descriptor, default=limit)
+    def _fetch(self, client: RegistryClient, descriptor: Descriptor, limit: int, pinned: list[str]) -> str:
+        digest = _sha256(descriptor, client)
+        size = limit if descriptor.size is None else descriptor.size
         self.store.pin(digest)
         pinned.append(digest)
         if size > limit:
-            raise FailedPrecondition(f"blob {digest} is {size} bytes, the limit is {limit}")
+            raise FailedPrecondition(f"{client.name}: blob {digest} is {size} bytes, the limit is {limit}")
         with self._blob_lock(digest):  # a second pull of this blob waits, then finds it
             if not self.store.has_blob(digest):
                 with client.open_blob(digest) as body:
@@ -165,28 +147,52 @@ class Images:
     # ---- lookup ------------------------------------------------------------------------
 
     def find(self, text: str) -> ImageRecord | None:
-        """By id (sha256:<hex>, bare hex, or a unique prefix of either), or by reference."""
+        """By id (sha256:<hex>, bare hex, or a unique prefix of at least 12 hex digits
+        of either), or by reference. An ambiguous prefix is INVALID_ARGUMENT, as for
+        every other kind of id."""
         if not text:
             raise InvalidArgument("image is required")
+        matches = self._by_id_prefix(text)
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(
+                f"image id prefix {text!r} is ambiguous ({len(matches)} match); give more of the id"
+            )
+        return self._by_reference(parse(text))
+
+    def get(self, text: str) -> ImageRecord:
+        record = self.find(text)
+        if record is None:
+            raise NotFound(f"image {text[:200]!r} not found")
+        return record
+
+    def matching(self, text: str) -> list[ImageRecord]:
+        """ListImages' filter: every image whose id starts with it, or the one it names;
+        a filter that cannot name an image matches none (a list never fails)."""
+        if not text:
+            return self.store.images()
+        matches = self._by_id_prefix(text)
+        if matches:
+            return matches
+        try:
+            found = self._by_reference(parse(text))
+        except InvalidArgument:
+            return []
+        return [found] if found else []
+
+    def _by_id_prefix(self, text: str) -> list[ImageRecord]:
+        if not _looks_like_id(text):
+            return []
         hex_part = text.removeprefix("sha256:")
-        if len(hex_part) >= 12 and all(c in "0123456789abcdef" for c in hex_part):
-            matches = [r for r in self.store.images() if r.id.removeprefix("sha256:").startswith(hex_part)]
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise InvalidArgument(f"image id prefix {text!r} is ambiguous ({len(matches)} images)")
-        ref: Reference = parse(text)
+        return [r for r in self.store.images() if r.id.removeprefix("sha256:").startswith(hex_part)]
+
+    def _by_reference(self, ref: Reference) -> ImageRecord | None:
         wanted = str(ref)
         for record in self.store.images():
             if wanted in record.repo_tags or wanted in record.repo_digests:
                 return record
         return None
-
-    def get(self, text: str) -> ImageRecord:
-        record = self.find(text)
-        if record is None:
-            raise NotFound(f"image {text!r} not found")
-        return record
 
     def remove(self, text: str) -> None:
         """Idempotent. A tag of an image with other names only loses that tag."""
@@ -208,30 +214,22 @@ class Images:
         return {d for r in self.store.images() for d in r.layers}
 
     def verbose_info(self, record: ImageRecord) -> dict[str, str]:
+        source = f"image {record.id} in the store"
         info = {
-            "manifest": _json(self.store.read_blob(record.manifest_digest), "manifest"),
-            "config": _json(self.store.read_blob(record.id), "image config"),
+            "manifest": parse_content.json_object(
+                self.store.read_blob(record.manifest_digest), "manifest", source
+            ),
+            "config": parse_content.json_object(self.store.read_blob(record.id), "image config", source),
         }
         return {"info": json.dumps(info, sort_keys=True)}
 
 
-def _size(descriptor: dict[str, Any], default: int = 0) -> int:
-    size = descriptor.get("size", default)
-    if not isinstance(size, int) or size < 0:
-        raise FailedPrecondition(f"descriptor size {str(size)[:40]!r} is not a byte count")
-    return size
+def _sha256(descriptor: Descriptor, client: RegistryClient) -> str:
+    if not is_digest(descriptor.digest):
+        raise FailedPrecondition(f"{client.name}: digest {descriptor.digest[:80]!r} is not sha256")
+    return descriptor.digest
 
 
 def _looks_like_id(text: str) -> bool:
     hex_part = text.removeprefix("sha256:")
-    return len(hex_part) >= 12 and all(c in "0123456789abcdef" for c in hex_part)
-
-
-def _json(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        raise FailedPrecondition(f"the {what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise FailedPrecondition(f"the {what} is not a JSON object")
-    return value
+    return MIN_ID_PREFIX <= len(hex_part) <= 64 and all(c in "0123456789abcdef" for c in hex_part)

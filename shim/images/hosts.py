@@ -13,7 +13,9 @@ settings, and (a pyshim addition) credentials.
       username = "puller"                  # used when the pull request brings none
       password = "..."
 
-An image pulled through a mirror keeps its own name.
+An image pulled through a mirror keeps its own name. A file with a value of the
+wrong type or a URL that is not http(s)://host[:port][/path] is refused whole
+(logged), so a typo never half-applies.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from shim.images.reference import Reference
+from shim.images.reference import Reference, valid_host
 from shim.images.registry import Credentials, is_loopback
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +44,6 @@ class Endpoint:
     credentials: Credentials | None = None
     mirror: bool = False
     can_resolve: bool = True  # may resolve tags (capability "resolve")
-
-    @property
-    def host(self) -> str:
-        return urllib.parse.urlsplit(self.url).netloc
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.url.startswith("https://"):
@@ -69,46 +69,62 @@ def load(config_dir: Path) -> dict[str, HostConfig]:
         return hosts
     for path in sorted(config_dir.glob("*/hosts.toml")):
         try:
-            hosts[path.parent.name] = _parse(tomllib.loads(path.read_text()))
-        except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError, OSError) as exc:
+            hosts[path.parent.name] = parse(tomllib.loads(path.read_text()))
+        except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             log.error("event=hosts_config_refused path=%s reason=%s", path, exc)
     return hosts
 
 
-def _parse(data: dict[str, Any]) -> HostConfig:
+def _get(table: dict[str, Any], key: str, kind: type[T], default: T, where: str) -> T:
+    value = table.get(key, default)
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}{key} must be a {kind.__name__}, not {value!r:.80}")
+    return value
+
+
+def _url(url: str, what: str) -> str:
+    """http(s)://host[:port][/path], without a trailing slash."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not valid_host(parts.netloc):
+        raise ValueError(f"{what} {url!r:.120} is not http(s)://host[:port][/path]")
+    if parts.query or parts.fragment or any(c.isspace() or not c.isprintable() for c in parts.path):
+        raise ValueError(f"{what} {url!r:.120} may have only a path after the host")
+    return url.rstrip("/")
+
+
+def parse(data: dict[str, Any]) -> HostConfig:
+    """A parsed hosts.toml; ValueError saying what is wrong."""
     mirrors = []
-    table = data.get("host") or {}
-    if not isinstance(table, dict):
-        raise ValueError("host must be a table of mirrors")
+    table = _get(data, "host", dict, {}, "")
     for url, settings in table.items():
         if not isinstance(settings, dict):
-            raise ValueError(f"mirror {url!r} must be a table")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"mirror {url!r} must start with http:// or https://")
-        caps = settings.get("capabilities", ["pull", "resolve"])
+            raise ValueError(f"mirror {url!r:.120} must be a table")
+        where = f"mirror {url!r:.120}: "
+        caps = _get(settings, "capabilities", list, ["pull", "resolve"], where)
+        if not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"{where}capabilities must be a list of strings")
+        endpoint_url = _url(url, "mirror")
         if "pull" not in caps:
             continue
-        creds = None
-        if settings.get("username"):
-            creds = Credentials(
-                username=str(settings["username"]), password=str(settings.get("password", ""))
-            )
+        username = _get(settings, "username", str, "", where)
+        password = _get(settings, "password", str, "", where)
         mirrors.append(
             Endpoint(
-                url=url.rstrip("/"),
-                skip_verify=bool(settings.get("skip_verify", False)),
-                ca=str(settings.get("ca", "")),
-                credentials=creds,
+                url=endpoint_url,
+                skip_verify=_get(settings, "skip_verify", bool, False, where),
+                ca=_get(settings, "ca", str, "", where),
+                credentials=Credentials(username=username, password=password) if username else None,
                 mirror=True,
                 can_resolve="resolve" in caps,
             )
         )
+    server = _get(data, "server", str, "", "")
     return HostConfig(
         mirrors=tuple(mirrors),
-        server=str(data.get("server", "")).rstrip("/"),
-        skip_upstream=bool(data.get("skip_upstream", False)),
-        skip_verify=bool(data.get("skip_verify", False)),
-        ca=str(data.get("ca", "")),
+        server=_url(server, "server") if server else "",
+        skip_upstream=_get(data, "skip_upstream", bool, False, ""),
+        skip_verify=_get(data, "skip_verify", bool, False, ""),
+        ca=_get(data, "ca", str, "", ""),
     )
 
 

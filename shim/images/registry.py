@@ -4,6 +4,12 @@ Anonymous, basic and bearer-token auth (the WWW-Authenticate challenge flow),
 the CRI's AuthConfig (username/password, identity token, registry token), all
 four manifest media types, and blobs streamed to a file while their digest is
 checked. Plain HTTP only for registries marked insecure (loopback by default).
+
+A registry is untrusted: whatever it answers (a broken status line, a 70 KiB
+header, a redirect to ftp://, a token with a line break) becomes a ShimError
+that names it, UNAVAILABLE for a broken transport and FAILED_PRECONDITION for
+content or redirects pyshim will not use; so a mirror that misbehaves hands
+over to the next endpoint like one that is down.
 """
 
 from __future__ import annotations
@@ -12,32 +18,33 @@ import base64
 import hashlib
 import http.client
 import ipaddress
-import json
 import logging
-import platform
 import re
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from email.message import Message
+from types import TracebackType
+from typing import IO
 
-from shim.errors import DataLoss, NotFound, Unauthenticated, Unavailable
-from shim.images.reference import DIGEST
+from shim.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from shim.images import manifest as parse
+from shim.images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
 log = logging.getLogger(__name__)
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # The registry answers 404 unless Accept lists the manifest's type: always send all four.
 ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-LISTS = (OCI_INDEX, DOCKER_LIST)
 MAX_MANIFEST = 4 * 1024 * 1024
-CHUNK = 1024 * 1024
 TIMEOUT = 60.0
+# What the standard library raises for an answer it cannot follow: OSError (and
+# URLError) for the network, HTTPException for a broken status line or header
+# (LineTooLong, BadStatusLine, IncompleteRead), ValueError for a URL or header it
+# refuses (the idna codec's UnicodeError for a 64-character label, CR LF in a header).
+_TRANSPORT = (OSError, http.client.HTTPException, ValueError)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,11 @@ class Credentials:
     password: str = ""
     identity_token: str = ""
     registry_token: str = ""
+
+    def check(self) -> None:
+        """A registry token goes into a header as it is: refuse one that could not."""
+        if self.registry_token and not parse.HEADER_TOKEN.fullmatch(self.registry_token):
+            raise InvalidArgument("auth.registry_token is not a token an HTTP header can carry")
 
 
 def is_loopback(host: str) -> bool:
@@ -60,17 +72,76 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _NoAuthAcrossHosts(urllib.request.HTTPRedirectHandler):
-    """Follow redirects (blob storage), but never carry credentials to another host."""
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port): what a redirect must keep to keep the credentials.
+    ValueError for a port that is not one."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname or "", parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects (blobs are often served from object storage), but only to
+    http and https URLs, and never carry the registry's Authorization to another
+    origin."""
+
+    def __init__(self, registry: str) -> None:
+        super().__init__()
+        self.registry = registry
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        try:
+            target = origin(newurl)
+        except ValueError:
+            target = ("", "", 0)
+        if target[0] not in _DEFAULT_PORTS or not target[1]:
+            fp.close()
+            raise FailedPrecondition(
+                f"{self.registry} redirected to {newurl[:200]!r}: only http and https redirects are followed"
+            )
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if (
-            new is not None
-            and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc
-        ):
+        if new is not None and target != origin(req.full_url):
             new.remove_header("Authorization")
         return new
+
+
+def _opener(registry: str, tls: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    # Built by hand rather than with build_opener, which adds ftp:, file: and data:
+    # handlers: nothing but HTTP(S) can be reached, whatever a registry answers.
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(context=tls),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _Redirects(registry),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+class Body:
+    """A response body that reports a broken read as the registry's failure."""
+
+    def __init__(self, response: IO[bytes], headers: Message, client: RegistryClient) -> None:
+        self._response = response
+        self.headers = headers
+        self._client = client
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return self._response.read(size)
+        except _TRANSPORT as err:
+            raise self._client.broken(err) from None
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._response.close()
 
 
 class RegistryClient:
@@ -78,71 +149,78 @@ class RegistryClient:
         self, base_url: str, repository: str, credentials: Credentials, tls: ssl.SSLContext | None = None
     ) -> None:
         self.host = urllib.parse.urlsplit(base_url).netloc
+        self.name = f"registry {self.host}"  # for messages: every error names the registry
         self.repository = repository
         self.credentials = credentials
         self.base = f"{base_url}/v2/{repository}"
-        self._opener = urllib.request.build_opener(
-            _NoAuthAcrossHosts, urllib.request.HTTPSHandler(context=tls)
-        )
+        self._opener = _opener(self.name, tls)
         self._authorization: str | None = None
         if credentials.registry_token:
             self._authorization = f"Bearer {credentials.registry_token}"
 
     # ---- requests ---------------------------------------------------------------------
 
-    def _open(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+    def broken(self, err: Exception) -> Unavailable:
+        if isinstance(err, urllib.error.URLError):
+            return Unavailable(f"{self.name} unreachable: {err.reason}")
+        if isinstance(err, OSError):
+            return Unavailable(f"{self.name} unreachable: {err}")
+        return Unavailable(
+            f"{self.name} gave an answer HTTP cannot follow ({type(err).__name__}: {str(err)[:200]!r})"
+        )
+
+    def _open(self, url: str, headers: dict[str, str]) -> Body:
         for attempt in range(2):
             request = urllib.request.Request(url, headers=headers)
             if self._authorization:
                 request.add_header("Authorization", self._authorization)
             try:
-                response: http.client.HTTPResponse = self._opener.open(request, timeout=TIMEOUT)
-                return response
+                response = self._opener.open(request, timeout=TIMEOUT)
+                return Body(response, response.headers, self)
             except urllib.error.HTTPError as err:
-                if err.code == 401 and attempt == 0:
-                    self._authorization = self._answer_challenge(err.headers.get("WWW-Authenticate", ""))
-                    err.close()
-                    continue
-                body = err.read(4096).decode(errors="replace")
-                err.close()
-                raise self._http_error(err.code, url, body) from None
-            except (urllib.error.URLError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                raise Unavailable(f"registry {self.host} unreachable: {reason}") from None
-        raise Unauthenticated(f"registry {self.host} refused the credentials for {self.repository}")
+                with Body(err, err.headers, self) as body:
+                    if err.code == 401 and attempt == 0:
+                        self._authorization = self._answer_challenge(err.headers.get("WWW-Authenticate", ""))
+                        continue
+                    text = body.read(4096).decode(errors="replace")
+                raise self._http_error(err.code, url, text) from None
+            except _TRANSPORT as err:
+                raise self.broken(err) from None
+        raise Unauthenticated(f"{self.name} refused the credentials for {self.repository}")
 
     def _http_error(self, code: int, url: str, body: str) -> Exception:
         if code in (401, 403):
-            return Unauthenticated(f"registry {self.host} denied access to {self.repository} ({code})")
+            return Unauthenticated(f"{self.name} denied access to {self.repository} ({code})")
         if code == 404:
             return NotFound(f"{url.split('/v2/', 1)[1]} not found on {self.host}")
-        return Unavailable(f"registry {self.host} answered {code} for {url}: {body[:200]}")
+        return Unavailable(f"{self.name} answered {code} for {url}: {body[:200]!r}")
 
     def _answer_challenge(self, challenge: str) -> str:
         scheme, _, params = challenge.partition(" ")
         c = self.credentials
         if scheme.lower() == "basic":
             if not c.username:
-                raise Unauthenticated(f"registry {self.host} wants a username and password")
+                raise Unauthenticated(f"{self.name} wants a username and password")
             return "Basic " + base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
         if scheme.lower() != "bearer":
-            raise Unauthenticated(f"registry {self.host}: unsupported auth challenge {challenge[:80]!r}")
+            raise Unauthenticated(f"{self.name}: unsupported auth challenge {challenge[:80]!r}")
         fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
         realm = fields.get("realm")
         if not realm:
-            raise Unauthenticated(f"registry {self.host}: bearer challenge without a realm")
-        realm_url = urllib.parse.urlsplit(realm)
+            raise Unauthenticated(f"{self.name}: bearer challenge without a realm")
+        try:
+            realm_url = urllib.parse.urlsplit(realm)
+        except ValueError:  # an unclosed [IPv6 literal
+            realm_url = urllib.parse.urlsplit("")
         if realm_url.scheme not in ("http", "https") or not realm_url.netloc:
-            raise Unauthenticated(f"registry {self.host}: token realm {realm[:100]!r} is not an http(s) URL")
+            raise Unauthenticated(f"{self.name}: token realm {realm[:100]!r} is not an http(s) URL")
         sends_secret = bool(c.identity_token or c.username)
         if (
             sends_secret
             and realm_url.scheme == "http"
             and not (self.base.startswith("http://") or is_loopback(realm_url.netloc))
         ):
-            raise Unauthenticated(
-                f"registry {self.host}: refusing to send credentials to {realm} over plain HTTP"
-            )
+            raise Unauthenticated(f"{self.name}: refusing to send credentials to {realm!r} over plain HTTP")
         query = {
             "service": fields.get("service", ""),
             "scope": fields.get("scope") or f"repository:{self.repository}:pull",
@@ -160,18 +238,17 @@ class RegistryClient:
         elif c.username:
             basic = base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
             token_request.add_header("Authorization", f"Basic {basic}")
+        server = f"{self.name}'s token server {realm[:100]!r}"
         try:
             # Through our opener: the endpoint's TLS settings, no credentials across redirects.
             with self._opener.open(token_request, timeout=TIMEOUT) as response:
-                answer = json.loads(response.read(MAX_MANIFEST))
+                answer = response.read(MAX_MANIFEST)
         except urllib.error.HTTPError as err:
-            raise Unauthenticated(f"token server {realm} refused ({err.code})") from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            raise Unavailable(f"token server {realm}: {err}") from None
-        token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
-        if not token:
-            raise Unauthenticated(f"token server {realm} gave no token")
-        return f"Bearer {token}"
+            err.close()
+            raise Unauthenticated(f"{server} refused ({err.code})") from None
+        except _TRANSPORT as err:
+            raise Unavailable(f"{server}: {getattr(err, 'reason', err)}") from None
+        return f"Bearer {parse.token(answer, server)}"
 
     # ---- content ----------------------------------------------------------------------
 
@@ -179,52 +256,14 @@ class RegistryClient:
         """(body, media type, digest) of a manifest by tag or digest."""
         with self._open(f"{self.base}/manifests/{reference}", {"Accept": ACCEPT}) as response:
             body = response.read(MAX_MANIFEST + 1)
-            media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+            content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         if len(body) > MAX_MANIFEST:
             raise DataLoss(f"manifest {reference} on {self.host} is larger than {MAX_MANIFEST} bytes")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise DataLoss(f"manifest {reference} on {self.host} has digest {digest}")
-        if not media_type or media_type == "application/json":
-            media_type = json.loads(body).get("mediaType", "")
-        return body, media_type, digest
+        return body, parse.media_type(body, content_type, self.name), digest
 
-    def open_blob(self, digest: str) -> http.client.HTTPResponse:
+    def open_blob(self, digest: str) -> Body:
         """The blob's body, to be read as a stream (the store checks the digest)."""
         return self._open(f"{self.base}/blobs/{digest}", {})
-
-
-_ARCHES = {
-    "x86_64": ("amd64", ""),
-    "aarch64": ("arm64", "v8"),
-    "armv7l": ("arm", "v7"),
-    "ppc64le": ("ppc64le", ""),
-    "s390x": ("s390x", ""),
-    "riscv64": ("riscv64", ""),
-}
-
-
-def node_platform() -> tuple[str, str]:
-    """This node's (architecture, variant) in OCI terms."""
-    machine = platform.machine()
-    return _ARCHES.get(machine, (machine, ""))
-
-
-def choose_platform(index: dict[str, Any]) -> str:
-    """The digest of the index entry for this node's platform (a matching variant
-    first, then any entry of the architecture)."""
-    arch, variant = node_platform()
-    candidates = [
-        e
-        for e in index.get("manifests", [])
-        if isinstance(e, dict)
-        and isinstance(e.get("platform"), dict)
-        and e["platform"].get("os") == "linux"
-        and e["platform"].get("architecture") == arch
-    ]
-    candidates.sort(key=lambda e: e["platform"].get("variant", "") != variant)
-    for entry in candidates:
-        digest = str(entry.get("digest", ""))
-        if DIGEST.match(digest):
-            return digest
-    raise NotFound(f"no linux/{arch} image in the index")

@@ -24,10 +24,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from shim.errors import DataLoss
-from shim.images.reference import DIGEST
+from shim.images.reference import is_digest
 from shim.store import write_atomically
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,15 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 
 
+class Source(Protocol):
+    """What a blob is copied from: a registry's response body, an archive member."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ImageConfig:
-    """What a container spec needs from the image's config."""
+    """What a container spec needs from the image's config (read by shim.images.manifest)."""
 
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
@@ -47,20 +53,6 @@ class ImageConfig:
     exposed_ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     stop_signal: int = 0  # the image's StopSignal as a number; 0: none given
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ImageConfig:
-        c = config.get("config") or {}
-        return cls(
-            entrypoint=tuple(c.get("Entrypoint") or ()),
-            cmd=tuple(c.get("Cmd") or ()),
-            env=tuple(c.get("Env") or ()),
-            working_dir=c.get("WorkingDir") or "",
-            user=c.get("User") or "",
-            exposed_ports=tuple(sorted(c.get("ExposedPorts") or {})),
-            volumes=tuple(sorted(c.get("Volumes") or {})),
-            stop_signal=signal_number(c.get("StopSignal") or ""),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +177,7 @@ class ImageStore:
     # ---- blobs -------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
-        if not DIGEST.match(digest):
+        if not is_digest(digest):
             raise DataLoss(f"not a sha256 digest: {digest[:80]!r}")
         return self.blob_dir / digest.removeprefix("sha256:")
 
@@ -211,7 +203,7 @@ class ImageStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_blob_stream(self, digest: str, source: IO[bytes], limit: int, origin: str = "") -> None:
+    def put_blob_stream(self, digest: str, source: Source, limit: int, origin: str = "") -> None:
         """Copy a blob from a stream, checking size and digest on the way; nothing
         lands in the store unless both hold."""
         hasher = hashlib.sha256()

@@ -1,0 +1,1 @@
+"""Unit tests of pure modules (a package, so that its conftest does not shadow tests/conftest.py)."""
