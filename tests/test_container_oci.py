@@ -26,19 +26,33 @@ from shim.sandbox_record import NamespaceMode
 pytestmark = pytest.mark.root
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
 # crun refuses the hybrid layout unless /sys/fs/cgroup/unified is gone from its view
-# (DESIGN.md): its create runs in a private mount namespace without that mount.
-CRUN_WRAPPER = [
-    "unshare",
-    "--mount",
-    "--propagation",
-    "private",
-    "--",
-    "sh",
-    "-c",
-    'if mountpoint -q /sys/fs/cgroup/unified; then umount /sys/fs/cgroup/unified; fi; exec "$@"',
-    "sh",
-]
+# (DESIGN.md), so its run goes through a mount namespace of its own without that
+# mount. That namespace keeps the node's propagation ("unchanged"): with "private"
+# (DESIGN.md's first recipe) or even "slave", mounts would no longer travel between
+# the node and the container (HOST_TO_CONTAINER, BIDIRECTIONAL). The unmount must not
+# travel to the node either: it propagates through its parent, /sys/fs/cgroup, which
+# is made private first (in this namespace only).
+def crun_wrapper(cgroup_root: str = "/sys/fs/cgroup") -> list[str]:
+    unified = f"{cgroup_root}/unified"
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "unchanged",
+        "--",
+        "sh",
+        "-c",
+        f'if mountpoint -q "{unified}"; then '
+        f'mount --make-private "{cgroup_root}" && umount "{unified}" || exit 125; fi; '
+        'exec "$@"',
+        "sh",
+    ]
+
+
+NODE = api_pb2.NODE
 SCRIPT = """
 echo "== id"; id
 echo "== status"; grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status
@@ -47,6 +61,7 @@ echo "== kcore"; if [ -e /proc/kcore ]; then wc -c < /proc/kcore; else echo abse
 echo "== keys"; wc -c < /proc/keys
 echo "== rootfs"; if touch /probe 2>/dev/null; then echo rw; else echo ro; fi
 echo "== data"; if touch /data/probe 2>/dev/null; then echo rw; else echo ro; fi
+echo "== datasub"; if touch /data/sub/probe 2>/dev/null; then echo rw; else echo ro; fi
 echo "== nofile"; ulimit -n
 echo "== memory"; cat /sys/fs/cgroup/memory/memory.limit_in_bytes
 echo "== hostname"; echo "$HOSTNAME"
@@ -113,8 +128,10 @@ def cgroup() -> Iterator[str]:
     assert not any((h / path.lstrip("/")).exists() for h in CGROUP_ROOT.iterdir()), "cgroup left behind"
 
 
-def run(runtime: str, tmp_path: Path, built: spec.BuiltSpec) -> subprocess.CompletedProcess[str]:
-    """`RUNTIME run` in the foreground: the container's stdout comes back here."""
+@contextlib.contextmanager
+def started(runtime: str, tmp_path: Path, built: spec.BuiltSpec) -> Iterator[subprocess.Popen[str]]:
+    """`RUNTIME run` in the foreground (the container's stdout and stderr come back
+    here); killed if still running on the way out, then deleted."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps(built.document))
@@ -122,13 +139,40 @@ def run(runtime: str, tmp_path: Path, built: spec.BuiltSpec) -> subprocess.Compl
     cid = f"pyshim-spec-{secrets.token_hex(4)}"
     argv = [shutil.which(runtime) or runtime, "--root", str(state), "run", "--bundle", str(bundle), cid]
     if runtime == "crun":
-        argv = [*CRUN_WRAPPER, *argv]
+        argv = [*crun_wrapper(), *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=bundle)
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=bundle)
+        yield proc
     finally:
+        subprocess.run([runtime, "--root", str(state), "kill", cid, "KILL"], capture_output=True, timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         subprocess.run(
             [runtime, "--root", str(state), "delete", "--force", cid], capture_output=True, timeout=30
         )
+
+
+def run(runtime: str, tmp_path: Path, built: spec.BuiltSpec) -> subprocess.CompletedProcess[str]:
+    """Run the container to its end."""
+    with started(runtime, tmp_path, built) as proc:
+        stdout, stderr = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[Path]:
+    """A private tmpfs of the test's own at `path` (isolate.sh gives the suite a
+    mount namespace of its own: the node's mounts are never touched)."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        subprocess.run(["mount", "--make-private", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "--recursive", "--lazy", str(path)], check=False)
 
 
 def build_for(rootfs: Path, cgroup: str, config: api_pb2.ContainerConfig) -> spec.BuiltSpec:
@@ -225,8 +269,10 @@ def test_an_unconfined_root_container_with_added_capabilities(
         capabilities=api_pb2.Capability(add_capabilities=["NET_ADMIN"], drop_capabilities=["CHOWN"]),
         seccomp=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.Unconfined),
     )
-    built = build_for(rootfs, cgroup, config)
-    done = run(runtime, tmp_path, built)
+    (tmp_path / "data").mkdir()
+    with tmpfs(tmp_path / "data" / "sub"):  # writable below a read-only mount, unless recursive
+        built = build_for(rootfs, cgroup, config)
+        done = run(runtime, tmp_path, built)
     assert done.returncode == 0, done.stderr
     seen = Seen.parse(done.stdout)
     assert seen.one("id") == "uid=0(root) gid=0(root) groups=0(root)"
@@ -234,7 +280,7 @@ def test_an_unconfined_root_container_with_added_capabilities(
     assert int(seen.status("CapEff"), 16) == int(seen.status("CapBnd"), 16) == expected
     assert seen.status("Seccomp") == "0" and seen.status("NoNewPrivs") == "0"
     assert seen.one("rootfs") == "rw" and (rootfs / "probe").exists()
-    assert seen.one("data") == "ro"  # recursive read-only, even for root
+    assert seen.one("data") == seen.one("datasub") == "ro"  # recursive read-only, even for root
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -256,14 +302,8 @@ def host_facts_now() -> spec.HostFacts:
     return spec.HostFacts.detect(frozenset(), False)
 
 
-def test_a_private_host_mount_is_made_shared_for_bidirectional(tmp_path: Path) -> None:
-    """ensure_propagation on a tmpfs of the test's own (isolate.sh gives each suite a
-    private mount namespace, so the node's mounts are never touched)."""
-    target = tmp_path / "mnt"
-    target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], check=True)
-    try:
-        subprocess.run(["mount", "--make-private", str(target)], check=True)
+def test_a_private_host_mount_is_made_shared(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "mnt") as target:
         (target / "sub").mkdir()
 
         def state() -> mounts.MountPoint:
@@ -275,9 +315,98 @@ def test_a_private_host_mount_is_made_shared_for_bidirectional(tmp_path: Path) -
         assert state().shared
         mounts.ensure_propagation(str(target / "sub"), api_pb2.PROPAGATION_BIDIRECTIONAL)  # already: nothing
         assert state().shared
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["umount", str(target)], check=True)
+
+
+WAIT_FOR_MARKER = """
+echo ready
+i=0
+while [ ! -e /prop/late/marker ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -e /prop/late/marker ]; then echo seen; else echo unseen; fi
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(
+    "propagation",
+    [api_pb2.PROPAGATION_HOST_TO_CONTAINER, api_pb2.PROPAGATION_BIDIRECTIONAL],
+    ids=["rslave", "rshared"],
+)
+def test_host_mounts_reach_a_running_container(
+    runtime: str, propagation: int, tmp_path: Path, cgroup: str
+) -> None:
+    """prepare_host makes the private host mount shared; a mount made on the node after
+    the container started shows inside it."""
+    with tmpfs(tmp_path / "shared") as shared:
+        (shared / "late").mkdir()
+        config = container_config(
+            command=["sh", "-c", WAIT_FOR_MARKER],
+            mounts=[api_pb2.Mount(container_path="/prop", host_path=str(shared), propagation=propagation)],
+            sc={"namespace_options": api_pb2.NamespaceOption(pid=api_pb2.CONTAINER, network=NODE, ipc=NODE)},
+        )
+        built = build_for(busybox_rootfs(tmp_path / "rootfs"), cgroup, config)
+        assert built.document["linux"]["rootfsPropagation"] == ("rslave" if propagation == 1 else "rshared")
+        with started(runtime, tmp_path, built) as proc:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n", proc.communicate(timeout=30)
+            with tmpfs(shared / "late") as late:
+                (late / "marker").write_text("")
+                stdout, stderr = proc.communicate(timeout=30)
+        assert (proc.returncode, stdout) == (0, "seen\n"), stderr
+
+
+MOUNT_BACK = """
+mount -t tmpfs -o size=1m tmpfs /prop/back && echo mounted
+"""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_container_mounts_reach_the_node_when_bidirectional(
+    runtime: str, tmp_path: Path, cgroup: str
+) -> None:
+    with tmpfs(tmp_path / "shared") as shared:
+        (shared / "back").mkdir()
+        rootfs = busybox_rootfs(tmp_path / "rootfs", tools=("sh", "mount"))
+        config = container_config(
+            command=["sh", "-c", MOUNT_BACK],
+            mounts=[
+                api_pb2.Mount(
+                    container_path="/prop",
+                    host_path=str(shared),
+                    propagation=api_pb2.PROPAGATION_BIDIRECTIONAL,
+                )
+            ],
+            sc={
+                "capabilities": api_pb2.Capability(add_capabilities=["SYS_ADMIN"]),
+                "namespace_options": api_pb2.NamespaceOption(pid=api_pb2.CONTAINER, network=NODE, ipc=NODE),
+            },
+        )
+        done = run(runtime, tmp_path, build_for(rootfs, cgroup, config))
+        assert (done.returncode, done.stdout) == (0, "mounted\n"), done.stderr
+        with open("/proc/self/mountinfo") as f:
+            assert mounts.holding(str(shared / "back"), mounts.parse_mountinfo(f.read())).mount_point == str(
+                shared / "back"
+            )
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+
+
+def test_the_crun_wrapper_leaves_the_nodes_cgroup_mounts_alone(tmp_path: Path) -> None:
+    before = Path("/proc/self/mountinfo").read_text()
+    done = subprocess.run([*crun_wrapper(), "true"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert Path("/proc/self/mountinfo").read_text() == before
+    # The same recipe on shared mounts of the test's own (here the node's cgroup mounts
+    # may be private already): the unmount stays in the wrapper's namespace.
+    with tmpfs(tmp_path / "cg") as cg:
+        subprocess.run(["mount", "--make-shared", str(cg)], check=True)
+        with tmpfs(cg / "unified"):
+            subprocess.run(["mount", "--make-shared", str(cg / "unified")], check=True)
+            script = f'mountpoint -q "{cg}/unified" && echo still there || echo gone'
+            inside = subprocess.run(
+                [*crun_wrapper(str(cg)), "sh", "-c", script], capture_output=True, text=True, timeout=30
+            )
+            assert inside.stdout == "gone\n", inside.stderr
+            assert os.path.ismount(cg / "unified")
 
 
 def test_host_facts_here() -> None:
