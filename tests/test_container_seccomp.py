@@ -216,6 +216,11 @@ def test_localhost_profiles(rootfs: Path, tmp_path: Path) -> None:
     assert seccomp_of(rootfs, local) == {"defaultAction": "SCMP_ACT_LOG"}
 
 
+@needs_profile
+def test_the_default_profile_is_parsed_once() -> None:
+    assert seccomp.load(SECCOMP_JSON) is seccomp.load(SECCOMP_JSON)
+
+
 SECRET = "s3cr3t-content"
 
 

@@ -14,11 +14,12 @@ name fields and positions but never echo the file's content.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ _SCMP_ARCH = re.compile(r"SCMP_ARCH_[A-Z0-9_]{1,32}")
 _SYSCALL = re.compile(r"[a-z0-9_]{1,64}")
 _KERNEL = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})")
 _MAX_U64 = 2**64 - 1
+_CACHE_SIZE = 4  # parsed profiles kept (the default one, a few Localhost ones)
+_cache: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+_cache_lock = threading.Lock()  # the daemon builds specs from several gRPC threads
 
 
 class BadProfile(Exception):
@@ -152,8 +156,9 @@ def kernel_version(release: str) -> tuple[int, int]:
 
 def load(path: Path) -> Any:
     """The parsed JSON of a profile file: an absolute path to a regular file of at most
-    MAX_PROFILE_BYTES. Parsed files are cached by identity (device, inode, size, mtime),
-    so the default profile is parsed once; callers must not modify what they get."""
+    MAX_PROFILE_BYTES. A few parsed files are kept by identity (device, inode, size,
+    mtime, ctime), so that the default profile is read and parsed once, not per
+    container; callers must not modify what they get."""
     if not path.is_absolute():
         raise BadProfile("the path is not absolute")
     try:
@@ -166,17 +171,25 @@ def load(path: Path) -> Any:
             raise BadProfile("not a regular file")
         if st.st_size > MAX_PROFILE_BYTES:
             raise BadProfile(f"{st.st_size} bytes, the limit is {MAX_PROFILE_BYTES}")
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _cache_lock:
+            if identity in _cache:
+                _cache.move_to_end(identity)
+                return _cache[identity]
         data = os.read(fd, MAX_PROFILE_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_PROFILE_BYTES:
         raise BadProfile(f"larger than {MAX_PROFILE_BYTES} bytes")
-    return _parse(data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    parsed = _parse(data)
+    with _cache_lock:
+        _cache[identity] = parsed
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return parsed
 
 
-@functools.lru_cache(maxsize=16)
-def _parse(data: bytes, identity: tuple[int, int, int, int]) -> Any:
-    del identity  # part of the cache key only: a rewritten file is parsed again
+def _parse(data: bytes) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
