@@ -558,7 +558,7 @@ def test_cri_mounts_come_last_shallow_first_and_win(rootfs: Path, tmp_path: Path
     config = container_config(
         mounts=[
             cri_mount("/data/sub", str(tmp_path)),
-            cri_mount("/etc/hosts", str(hosts), readonly=True),
+            cri_mount("//etc/./hosts", str(hosts), readonly=True),
             cri_mount("/data", str(tmp_path)),
         ]
     )

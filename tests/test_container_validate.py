@@ -124,6 +124,11 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("relative host path", {"mounts": [mount(host_path="srv")]}, "host_path 'srv' must be an absolute path"),
     ("bad propagation", {"mounts": [mount(propagation=7)]}, "propagation 7"),
     ("duplicate mounts", {"mounts": [mount("/d"), mount("/d/")]}, "two mounts at the same container path"),
+    (
+        "duplicate spelling",
+        {"mounts": [mount("/d/e"), mount("//d/./e")]},
+        "two mounts at the same container path",
+    ),
     ("rro not ro", {"mounts": [mount(recursive_read_only=True)]}, "recursive_read_only needs readonly"),
     (
         "rro shared",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +95,7 @@ def cri(mounts: list[api_pb2.Mount], rro: bool) -> tuple[list[dict[str, Any]], s
             rootfs_propagation = "rshared"
         elif propagation == "rslave" and rootfs_propagation != "rshared":
             rootfs_propagation = "rslave"
-        result.append(_mount(posixpath.normpath(m.container_path), "bind", host_source(m.host_path), options))
+        result.append(_mount(destination(m.container_path), "bind", host_source(m.host_path), options))
     return result, rootfs_propagation
 
 
@@ -114,6 +113,12 @@ def merge(defaults: list[dict[str, Any]], overrides: list[dict[str, Any]]) -> li
 
 def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p and p != "."]
+
+
+def destination(container_path: str) -> str:
+    """A container path as one spelling: "//etc/./hosts/" is "/etc/hosts" (normpath
+    would keep the leading "//"). Validation has refused '..'."""
+    return "/" + "/".join(_parts(container_path))
 
 
 # ---- the host side (the lifecycle's, before build) ----------------------------------------

@@ -9,12 +9,12 @@ missing device) is checked when the spec is built.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from collections.abc import Iterable, Mapping
 
 from shim._proto import api_pb2
 from shim.containers import capabilities
+from shim.containers.mounts import destination
 from shim.containers.spec import ContainerSpec
 from shim.errors import InvalidArgument, Unimplemented
 from shim.sandbox_record import NamespaceMode
@@ -200,9 +200,9 @@ def _mounts(mounts: Iterable[api_pb2.Mount]) -> None:
                 m.propagation == api_pb2.PROPAGATION_PRIVATE,
                 f"{where}: recursive_read_only needs PRIVATE propagation",
             )
-        destination = posixpath.normpath(m.container_path)
-        _check(destination not in seen, f"{where}: two mounts at the same container path")
-        seen.add(destination)
+        path = destination(m.container_path)
+        _check(path not in seen, f"{where}: two mounts at the same container path")
+        seen.add(path)
 
 
 def _devices(config: api_pb2.ContainerConfig) -> None:
