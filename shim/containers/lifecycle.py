@@ -26,6 +26,7 @@ from pathlib import Path
 from shim._proto import api_pb2
 from shim.cgroups import Cgroups
 from shim.config import Config
+from shim.containers import mounts as container_mounts
 from shim.containers import spec as oci
 from shim.containers.conmon import Conmon, Exit, read_exit, reopen_log
 from shim.containers.exec import ExecResult, exec_sync
@@ -182,9 +183,11 @@ class ContainerManager:
             rootfs = self.layers.prepare(container_id, image)
             undo.add("rootfs", self.layers.release, container_id)
             self._inject("rootfs")
+            container_mounts.prepare_host(spec.config)
             built = self._spec(spec, sandbox, container_id, rootfs, image, cgroup)
+            for note in built.notes:
+                log.info("event=not_applied container=%s detail=%r", container_id, note)
             write_atomically(bundle / "config.json", json.dumps(built.document).encode(), durable=False)
-            oci.prepare_host_mounts(spec.config)
             self._inject("spec")
             if log_path:
                 Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -262,8 +265,6 @@ class ContainerManager:
         options = spec.config.linux.security_context.namespace_options
         if options.pid == api_pb2.TARGET:
             target = self._target_pid_namespace(pod.id, options.target_id)
-        if spec.config.linux.security_context.HasField("selinux_options"):
-            log.info("event=selinux_ignored container=%s detail=SELinux is not enabled here", container_id)
         return oci.build(
             spec,
             oci.PodContext(

@@ -25,12 +25,18 @@ RUNTIME_TIMEOUT = 60.0
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # crun refuses a hybrid cgroup layout ("cgroups in hybrid mode not supported"). In a
-# private mount namespace without the cgroup2 mount it sees a plain v1 host; only its
-# `create` needs that (start, kill, exec and delete work as they are).
+# mount namespace of its own without the cgroup2 mount it sees a plain v1 host; only its
+# `create` needs that (start, kill, exec and delete work as they are). The namespace
+# keeps the node's propagation (rslave/rshared container mounts must still see the
+# node's events), so /sys/fs/cgroup is made private there first: otherwise the unmount
+# would propagate and take the node's cgroup2 mount away.
 _HYBRID_CREATE = """#!/bin/sh
 # Written by pyshim: runs {binary} with /sys/fs/cgroup/unified hidden (crun and hybrid cgroups).
-exec unshare --mount --propagation private /bin/sh -c \\
-    'umount -l /sys/fs/cgroup/unified 2>/dev/null; exec "$0" "$@"' {binary} "$@"
+exec unshare --mount --propagation unchanged -- /bin/sh -c \\
+    'if mountpoint -q /sys/fs/cgroup/unified; then
+       mount --make-private /sys/fs/cgroup && umount /sys/fs/cgroup/unified || exit 125
+     fi
+     exec "$0" "$@"' {binary} "$@"
 """
 
 
