@@ -210,6 +210,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+    # pyroute2 logs every netlink message at debug level: pyshim's own debug lines only.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,7 @@ def container_config(
         log_path=log_path or f"{name}/{attempt}.log",
         labels=labels or {},
         annotations=annotations or {},
-        envs=[api_pb2.KeyValue(key=k, value=v) for k, v in (envs or {}).items()],
+        envs=[api_pb2.KeyValue(key=k, value=v.encode()) for k, v in (envs or {}).items()],
     )
 
 

@@ -127,6 +127,11 @@ def test_pod_pid_mode_in_a_host_pid_pod_is_the_node(rootfs: Path) -> None:
     assert "pid" not in ns(build(rootfs, pod=pod_context(pid=NODE), sc=namespace_options(pid=api_pb2.POD)))
 
 
+def test_pod_pid_mode_in_a_pod_that_shares_none_is_a_new_one(rootfs: Path) -> None:
+    built = build(rootfs, pod=pod_context(pid=CONTAINER), sc=namespace_options(pid=api_pb2.POD))
+    assert {"type": "pid"} in built.document["linux"]["namespaces"]
+
+
 def test_target_pid_mode_joins_the_target(rootfs: Path) -> None:
     ctr = container(rootfs, target_pid_namespace="/proc/4242/ns/pid")
     sc = namespace_options(pid=api_pb2.TARGET, target_id="ef" * 32)
@@ -138,7 +143,6 @@ def test_target_pid_mode_joins_the_target(rootfs: Path) -> None:
 @pytest.mark.parametrize(
     ("pod", "sc", "message"),
     [
-        (pod_context(pid=CONTAINER), namespace_options(pid=api_pb2.POD), "no shared pid namespace"),
         (pod_context(pid=POD), namespace_options(pid=api_pb2.NODE), "node's pid namespace"),
         (pod_context(namespaces={}), {}, "no pinned net namespace"),
         (pod_context(namespaces={"net": "/n", "ipc": "/i", "pid": "/p"}), {}, "no pinned uts namespace"),

@@ -15,6 +15,7 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +35,15 @@ class ExecResult:
 
 
 def exec_sync(
-    runtime: Runtime, container_id: str, bundle: Path, cmd: list[str], timeout: float
+    runtime: Runtime,
+    container_id: str,
+    bundle: Path,
+    cmd: list[str],
+    timeout: float,
+    tasks: Callable[[], list[int]],
 ) -> ExecResult:
-    """Run `cmd` in the container; timeout 0 waits for ever."""
+    """Run `cmd` in the container; timeout 0 waits for ever. `tasks` lists the pids in
+    the container's cgroup: on timeout, those the command started are killed too."""
     pid_file = bundle / f"exec-{secrets.token_hex(8)}.pid"
     proc = subprocess.Popen(
         runtime.argv("exec", "--pid-file", str(pid_file), container_id, *cmd),
@@ -49,7 +56,7 @@ def exec_sync(
     try:
         out, err, problem = _collect(proc, time.monotonic() + timeout if timeout > 0 else None)
         if problem is not None:
-            _kill(proc, pid_file)
+            _kill(proc, pid_file, tasks)
             proc.wait()
             if problem == "timeout":
                 raise DeadlineExceeded(
@@ -87,13 +94,30 @@ def _collect(proc: subprocess.Popen[bytes], deadline: float | None) -> tuple[byt
     return b"".join(chunks["stdout"]), b"".join(chunks["stderr"]), None
 
 
-def _kill(proc: subprocess.Popen[bytes], pid_file: Path) -> None:
-    """The command's process group inside the container, then the runtime's client."""
+def _kill(proc: subprocess.Popen[bytes], pid_file: Path, tasks: Callable[[], list[int]]) -> None:
+    """The command and what it started (its process group, and its descendants in the
+    container's cgroup: a runtime may put it in a group of its own), then the runtime's
+    client."""
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_file.read_text().strip())
+        victims = {pid} | {p for p in tasks() if pid in _ancestors(p)}
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ancestors(pid: int) -> set[int]:
+    found: set[int] = set()
+    while pid > 1 and pid not in found:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            break
+        pid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        found.add(pid)
+    return found

@@ -175,26 +175,25 @@ class ContainerManager:
             # The bundle dir is the intent marker: the start-up sweep undoes a Create
             # the daemon died in by what this dir names.
             bundle.mkdir(mode=0o700)
-            undo.add("bundle", shutil.rmtree, bundle, True)
-            self._inject("mkdir")
+            self._inject("container-mkdir")
             with self._making_lock:
                 self._making[container_id] = image.layers
-            undo.add("layers", self._made, container_id)
+            undo.add("container-layers", self._made, container_id)
             rootfs = self.layers.prepare(container_id, image)
-            undo.add("rootfs", self.layers.release, container_id)
-            self._inject("rootfs")
+            undo.add("container-rootfs", self.layers.release, container_id)
+            self._inject("container-rootfs")
             container_mounts.prepare_host(spec.config)
             built = self._spec(spec, sandbox, container_id, rootfs, image, cgroup)
             for note in built.notes:
                 log.info("event=not_applied container=%s detail=%r", container_id, note)
             write_atomically(bundle / "config.json", json.dumps(built.document).encode(), durable=False)
-            self._inject("spec")
+            self._inject("container-spec")
             if log_path:
                 Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-                undo.add("log", Path(log_path).unlink, True)
+                undo.add("container-log", Path(log_path).unlink, True)
             # Registered before launch: a runtime that fails halfway may leave its state and cgroups.
-            undo.add("cgroups", self._remove_cgroups, cgroup)
-            undo.add("runtime", runtime.delete, container_id)
+            undo.add("container-cgroups", self._remove_cgroups, cgroup)
+            undo.add("container-runtime", runtime.delete, container_id)
             launched = self.conmon.launch(
                 runtime,
                 container_id,
@@ -205,8 +204,8 @@ class ContainerManager:
                 tty=spec.config.tty,
                 stdin=spec.config.stdin,
             )
-            undo.add("conmon", launched.monitor.kill_and_reap)
-            self._inject("create")
+            undo.add("container-conmon", launched.monitor.kill_and_reap)
+            self._inject("container-create")
             record = ContainerRecord(
                 id=container_id,
                 sandbox_id=pod.id,
@@ -230,11 +229,14 @@ class ContainerManager:
                 resources=spec.config.linux.resources.SerializeToString(deterministic=True),
                 config=spec.config_bytes,
             )
-            self._inject("save")
-            undo.add("record", self.store.delete, container_id)
+            self._inject("container-save")
+            undo.add("container-record", self.store.delete, container_id)
             self.store.save(record)
         except BaseException:
-            if not undo.run():
+            if undo.run():
+                shutil.rmtree(bundle, ignore_errors=True)
+            else:
+                # The bundle (its config.json names the cgroup) stays as the sweep's marker.
                 log.error(
                     "event=rollback_incomplete container=%s detail=left for the start-up sweep", container_id
                 )
@@ -345,13 +347,14 @@ class ContainerManager:
                     f"container {record.id} is {record.state.value}: only a created container can be started"
                 )
             runtime = self.runtime(record.runtime_handler)
+            # Taken before: a process that exits at once must not seem to end before it began.
+            now = time.time_ns()
             try:
-                self._inject("start")
+                self._inject("container-start")
                 runtime.start(record.id)
             except ShimError as exc:
                 self._fail_start(container, exc)
                 raise
-            now = time.time_ns()
             self._update(container, lambda r: _started(r, now))
         log.info("event=container_started container=%s", record.id)
 
@@ -520,7 +523,12 @@ class ContainerManager:
                 f"container {record.id} is {record.state.value}: commands run only in running ones"
             )
         return exec_sync(
-            self.runtime(record.runtime_handler), record.id, self.bundle(record.id), cmd, timeout
+            self.runtime(record.runtime_handler),
+            record.id,
+            self.bundle(record.id),
+            cmd,
+            timeout,
+            lambda: self.cgroups.procs(record.cgroup),
         )
 
     def runtime_info(self, record: ContainerRecord) -> tuple[dict[str, object] | None, dict[str, str]]:

@@ -236,8 +236,9 @@ def namespaces(
 ) -> list[dict[str, str]]:
     """`linux.namespaces`: a fresh mount namespace; the pod's network, IPC and UTS
     namespaces by their pinned paths (none for NODE: the node's); the pid namespace
-    per the container's own pid mode (POD: the pod's pinned one, or the node's for a
-    host-pid pod; CONTAINER: a new one; NODE: the node's, only in a host-pid pod;
+    per the container's own pid mode (POD: the pod's pinned one, a new one when the pod
+    shares none, or the node's for a host-pid pod; CONTAINER: a new one; NODE: the
+    node's, only in a host-pid pod;
     TARGET: the target container's); a cgroup namespace on cgroup v2. Net and IPC
     follow the pod, whatever the container config repeats: a container cannot leave its
     pod's network. Never a `hostname`: the UTS namespace is the pod's."""
@@ -275,10 +276,9 @@ def _pid_namespace(mode: int, pod: PodContext, ctr: ContainerContext) -> dict[st
     if pod.modes.pid == NamespaceMode.NODE:
         return None  # POD in a host-pid pod: the pod's pid namespace is the node's
     if "pid" not in pod.namespaces:
-        raise FailedPrecondition(
-            f"the container asks for its pod's pid namespace, but pod {pod.sandbox_id} "
-            f"has pid mode {pod.modes.pid.name} (no shared pid namespace)"
-        )
+        # A pod without a shared pid namespace (kubelet's default, CONTAINER): a config
+        # that leaves the mode unset (POD is 0, e.g. from crictl) gets one of its own.
+        return {"type": "pid"}
     return {"type": "pid", "path": pod.namespaces["pid"]}
 
 
