@@ -56,11 +56,28 @@ class CgroupBusy(FailedPrecondition):
     """A cgroup could not be removed: processes (or child cgroups) are still in it."""
 
     def __init__(self, path: str, pids: list[int], children: list[str]) -> None:
-        what = f"pids {pids}" if pids else f"child cgroups {children}" if children else "exiting tasks"
+        if pids:
+            what = "processes " + ", ".join(_describe(pid) for pid in pids[:10])
+        else:
+            what = f"child cgroups {children}" if children else "exiting tasks"
         super().__init__(f"cgroup {path} is busy: {what}")
         self.path = path
         self.pids = pids
         self.children = children
+
+
+def _describe(pid: int) -> str:
+    """ "123 (sleep)", or "123 (sleep, exited: its parent 1 has not reaped it)"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return str(pid)
+    name = raw[raw.index("(") + 1 : raw.rindex(")")]
+    state, parent = raw[raw.rindex(")") + 2 :].split()[:2]
+    if state == "Z":
+        return f"{pid} ({name}, exited: its parent {parent} has not reaped it)"
+    return f"{pid} ({name})"
 
 
 class BadCgroupPath(InvalidArgument, ValueError):

@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -192,3 +193,11 @@ class ExitWatcher:
                     on_exit(proc)
                 except Exception:  # this thread must outlive any one process's trouble
                     log.exception("event=exit_callback_failed pid=%d", proc.identity.pid)
+
+
+def wait_gone(pids: list[int], timeout: float = 2.0) -> None:
+    """Wait until processes signalled with SIGKILL (not ours to reap) have exited."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while identify(pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.005)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -28,7 +29,7 @@ from shim.errors import AlreadyExists, Internal, ShimError
 from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
-from shim.procs import ExitWatcher, TrackedProcess
+from shim.procs import ExitWatcher, TrackedProcess, wait_gone
 from shim.registry import Registry
 from shim.sandbox_record import SandboxRecord, SandboxState, sandbox_store
 from shim.store import is_id, new_id, write_atomically
@@ -237,13 +238,8 @@ class SandboxManager:
             return
         own = [d for d in created if d.endswith(parent)]
         with self._cgroup_lock:
-            try:
-                self.cgroups.remove_dirs(own)
-            except CgroupBusy:
-                for pid in self.cgroups.procs(parent):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, 9)
-                time.sleep(0.05)
+            if own:
+                remove_when_empty(self.cgroups, parent)
                 self.cgroups.remove_dirs(own)
             for directory in sorted(set(created) - set(own), key=len, reverse=True):
                 with contextlib.suppress(CgroupBusy):
@@ -420,7 +416,7 @@ class SandboxManager:
             if record.shm:
                 mounts.umount(Path(record.shm))
             if record.cgroup_parent:
-                self.cgroups.remove(pause_cgroup(record.cgroup_parent, record.id))
+                remove_when_empty(self.cgroups, pause_cgroup(record.cgroup_parent, record.id))
             pins_gone = True
         finally:
             # One write, also after a partial failure: what is left stays recorded for a retry.
@@ -534,9 +530,11 @@ class SandboxManager:
             if not is_id(sandbox_id):
                 continue
             run_dir = self.config.run_sandboxes_dir / sandbox_id
-            for pid in pauses_of(sandbox_id):
+            killed = list(pauses_of(sandbox_id))
+            for pid in killed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
+            wait_gone(killed)  # their cgroups can go only once they have
             with contextlib.suppress(ShimError):
                 self.network.teardown(sandbox_id, None, str(self._pin_path(sandbox_id, "net")), None)
             for kind in namespaces.KINDS:
@@ -558,6 +556,24 @@ class SandboxManager:
             self.remove_pod_cgroups(parent, tuple(created))
         except ShimError as exc:
             log.warning("event=cgroup_sweep_failed sandbox=%s reason=%r", sandbox_id, str(exc))
+
+
+def remove_when_empty(cgroups: Cgroups, path: str, timeout: float = 2.0) -> None:
+    """Remove a cgroup of a stopped pod. A process still in it is the pod's (nothing
+    else is ever put there, and a reused pid cannot move in): it is killed. A dead one
+    stays listed until its parent reaps it, after a daemon restart PID 1: waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cgroups.remove(path)
+            return
+        except CgroupBusy as busy:
+            if time.monotonic() > deadline:
+                raise
+            for pid in busy.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
 
 
 def pause_cgroup(parent: str, sandbox_id: str) -> str:
@@ -593,7 +609,7 @@ class _Made:
         del self.pins[kind]
 
     def drop_cgroups(self, manager: SandboxManager) -> None:
-        manager.cgroups.remove(pause_cgroup(self.cgroup_parent, self.sandbox_id))
+        remove_when_empty(manager.cgroups, pause_cgroup(self.cgroup_parent, self.sandbox_id))
         manager.remove_pod_cgroups(self.cgroup_parent, self.cgroup_created)
         self.cgroup_parent, self.cgroup_created = "", ()
 

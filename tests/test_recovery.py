@@ -100,8 +100,12 @@ def test_reused_pid_is_not_mistaken_for_the_pause(daemon: Daemon) -> None:
     record_path.write_text(json.dumps(record))
     daemon.start()
     assert status(daemon, sandbox_id).status.state == api_pb2.SANDBOX_NOTREADY
-    # The real pause is not signalled by mistake: Remove does not know it any more,
-    # so the test's own cleanup (by sandbox id) ends it.
+    # The real pause is never signalled by its pid, which the record no longer matches;
+    # but it is in the pod's cgroup, where only the pod's processes ever are: Remove ends it.
+    pid = record["pause"]["pid"]
+    assert pid in pause_pids()
+    daemon.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
+    assert pid not in pause_pids()
 
 
 @pytest.mark.parametrize("step", ["spawn", "pin", "network", "save"])

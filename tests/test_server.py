@@ -79,9 +79,9 @@ def test_image_fs_info_answers_on_an_empty_store(daemon: Daemon) -> None:
 @pytest.mark.root
 def test_unimplemented_methods_name_themselves(daemon: Daemon) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        daemon.runtime.CreateContainer(api_pb2.CreateContainerRequest(), timeout=10)
+        daemon.runtime.CheckpointContainer(api_pb2.CheckpointContainerRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RuntimeService/CreateContainer" in (err.value.details() or "")
+    assert "RuntimeService/CheckpointContainer" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         list(daemon.images.StreamImages(api_pb2.StreamImagesRequest(), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
