@@ -344,9 +344,8 @@ class Daemon:
                 leftovers = self.nft_map_elements()
                 api_ok = True
         except Exception as exc:  # the daemon still stops and the sweep below still runs
-            print(
-                f"cleanup ({os.environ.get('PYTEST_CURRENT_TEST')}): removing pods through the API failed: {exc!r}"
-            )
+            test = os.environ.get("PYTEST_CURRENT_TEST")
+            print(f"cleanup ({test}): removing pods through the API failed: {exc!r}")
         finally:
             if self.proc is not None and self.proc.poll() is None:
                 try:
