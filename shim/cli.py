@@ -135,8 +135,10 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="STEP",
-        help="for tests, repeatable: make every call fail at STEP (RunPodSandbox: mkdir, spawn, pin, "
-        "network, save), with crash:STEP kill the daemon there, with undo:STEP make that undo fail",
+        help="for tests, repeatable: make every call fail at STEP (RunPodSandbox: mkdir, cgroup, spawn, "
+        "pin, shm, network, save; CreateContainer: container-mkdir, -rootfs, -spec, -create, -save; "
+        "StartContainer: container-start), with crash:STEP kill the daemon there, with undo:NAME make "
+        "that undo step fail",
     )
     images = commands.add_parser("images", help="manage the image store without a registry")
     image_commands = images.add_subparsers(dest="images_command", required=True)
