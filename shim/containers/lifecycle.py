@@ -484,7 +484,10 @@ class ContainerManager:
     def select(self, flt: ListFilter) -> list[ContainerRecord]:
         sandbox_id = flt.sandbox_id
         if sandbox_id and not is_id(sandbox_id):
-            pod = self.sandboxes.find(sandbox_id)
+            try:
+                pod = self.sandboxes.find(sandbox_id)
+            except ShimError:  # an ambiguous prefix: a list never fails, it finds nothing
+                return []
             if pod is None:
                 return []
             sandbox_id = pod.id
@@ -499,9 +502,8 @@ class ContainerManager:
             record = container.record
             if record.state in (ContainerState.CREATED, ContainerState.RUNNING):
                 self.runtime(record.runtime_handler).update(record.id, oci.resources(resources, self.host))
-            merged = api_pb2.LinuxContainerResources.FromString(record.resources)
-            merged.MergeFrom(resources)
-            payload = merged.SerializeToString(deterministic=True)
+            # The update is the whole new set (kubelet sends it complete), as containerd takes it.
+            payload = resources.SerializeToString(deterministic=True)
             self._update(container, lambda r: replace(r, resources=payload))
         log.info("event=container_updated container=%s", record.id)
 
