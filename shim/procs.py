@@ -201,3 +201,61 @@ def wait_gone(pids: list[int], timeout: float = 2.0) -> None:
     for pid in pids:
         while identify(pid) is not None and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+class OrphanReaper:
+    """Reaps zombies re-parented to the daemon (a subreaper) that nothing else waits
+    for: a container process whose conmon died, a command an exec client left. Left
+    unreaped, a dead process pins its pid namespace (the pod's pause cannot exit) and
+    keeps its cgroup from being removed. Only children outside the daemon's own
+    cgroup are taken: the daemon's own children (runtime clients, plugins) are in its
+    cgroup and their callers wait for them."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._own = _cgroup_of("self")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="orphan-reaper", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.reap()
+            except Exception:  # this thread must outlive any one process's trouble
+                log.exception("event=orphan_reap_failed")
+
+    def reap(self) -> int:
+        reaped = 0
+        for pid in _children():
+            fields = _stat_fields(pid)
+            if fields is None or fields[0] != "Z" or _cgroup_of(str(pid)) == self._own:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+                    log.info("event=orphan_reaped pid=%d", pid)
+        return reaped
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task.name}/children") as f:
+                found.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _cgroup_of(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return f.read()
+    except OSError:
+        return ""

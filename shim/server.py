@@ -46,7 +46,7 @@ from shim.images.layers import LayerStore
 from shim.images.store import ImageStore
 from shim.network.select import NetworkSelector
 from shim.pause import find_pause
-from shim.procs import ExitWatcher, become_subreaper
+from shim.procs import ExitWatcher, OrphanReaper, become_subreaper
 from shim.sandbox import ListFilter, SandboxManager
 from shim.sandbox_record import SandboxRecord, SandboxState
 
@@ -604,6 +604,7 @@ class Daemon:
         prepare_socket(config.socket)
         pause = find_pause(config.pause_path)
         self.watcher = ExitWatcher()
+        self.reaper = OrphanReaper()
         self.network = NetworkSelector(config)
         image_store = ImageStore(config.image_dir)
         self.layers = LayerStore(image_store, config.image_dir / "layers", config.root / "rootfs")
@@ -668,6 +669,7 @@ class Daemon:
         if self.server is not None:
             self.server.stop(grace).wait()
         self.watcher.close()
+        self.reaper.close()
         self.network.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()

@@ -201,7 +201,9 @@ def test_oom_kill_is_reported(cdaemon: Daemon, handler: str) -> None:
 
 
 def test_exec_sync(cdaemon: Daemon, handler: str) -> None:
-    sandbox_id, _ = pod(cdaemon, handler)
+    # A shared pid namespace: the pause (PID 1) reaps what a killed command orphans, as
+    # no init in a container of its own would (sleep 3600 here).
+    sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.POD)
     container_id = run(cdaemon, sandbox_id, container_config("box", envs={"GREETING": "hello"}))
     result = exec_sync(cdaemon, container_id, "sh", "-c", "echo $GREETING; echo oops >&2; exit 3")
     assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 3)
@@ -209,14 +211,49 @@ def test_exec_sync(cdaemon: Daemon, handler: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         exec_sync(cdaemon, container_id, "sh", "-c", "sleep 60 & sleep 60", timeout=1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - begin < 10
-    time.sleep(0.2)
-    assert b"sleep 60" not in exec_sync(cdaemon, container_id, "ps", "-o", "args").stdout
+    # Nothing of the command is left, not even a zombie (pgrep would still find one).
+    left = exec_sync(cdaemon, container_id, "ps", "-o", "args").stdout.decode().splitlines()
+    assert [line for line in left if "sleep" in line] == ["sleep 3600"]
     with pytest.raises(grpc.RpcError) as err:
         exec_sync(cdaemon, container_id, "sh", "-c", "yes | head -c 20000000")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stdout" in (err.value.details() or "")
     with pytest.raises(grpc.RpcError) as err:
         exec_sync(cdaemon, "c" * 64, "true")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # The pod still stops at once: no dead command pins its pid namespace.
+    cdaemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
+
+
+def test_exec_timeout_leaves_no_zombie_in_a_pid_namespace_of_its_own(cdaemon: Daemon, handler: str) -> None:
+    """critest's case: the runtime's client must live to reap the command it started."""
+    sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.CONTAINER)
+    container_id = run(cdaemon, sandbox_id, container_config("box"))
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(cdaemon, container_id, "sleep", "4321", timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    left = exec_sync(cdaemon, container_id, "ps", "-o", "args").stdout.decode().splitlines()
+    assert [line for line in left if "sleep" in line] == ["sleep 3600"]
+    begin = time.monotonic()
+    cdaemon.runtime.StopContainer(
+        api_pb2.StopContainerRequest(container_id=container_id, timeout=0), timeout=30
+    )
+    assert time.monotonic() - begin < 5
+
+
+def test_exec_runs_with_the_containers_user_and_settings(cdaemon: Daemon, handler: str) -> None:
+    sandbox_id, _ = pod(cdaemon, handler)
+    config = container_config("user")
+    sc = config.linux.security_context
+    sc.run_as_user.value = 1000
+    sc.supplemental_groups.append(1234)
+    sc.no_new_privs = True
+    config.working_dir = "/tmp"
+    container_id = run(cdaemon, sandbox_id, config)
+    result = exec_sync(
+        cdaemon, container_id, "sh", "-c", "id -u; id -G; pwd; grep NoNewPrivs /proc/self/status"
+    )
+    uid, groups, cwd, nnp = result.stdout.decode().splitlines()
+    assert (uid, cwd) == ("1000", "/tmp") and "1234" in groups.split() and nnp.split()[-1] == "1"
 
 
 def test_logs_are_cri_formatted_and_reopened_after_rotation(cdaemon: Daemon, handler: str) -> None:
@@ -239,6 +276,7 @@ def test_logs_are_cri_formatted_and_reopened_after_rotation(cdaemon: Daemon, han
     cdaemon.runtime.ReopenContainerLog(
         api_pb2.ReopenContainerLogRequest(container_id=container_id), timeout=10
     )
+    assert log_path.exists()  # reopened by the time the call returns
     deadline = time.monotonic() + 10
     while not (log_path.exists() and b"tick" in log_path.read_bytes()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,6 @@ from shim.procs import ProcessIdentity, TrackedProcess, identify
 
 log = logging.getLogger(__name__)
 
-_SYNC_FD = 3
-_START_FD = 4
 EXIT_FILE = "exit"
 OOM_FILE = "oom"
 CONTROL_FIFO = "ctl"
@@ -120,33 +119,32 @@ class Conmon:
         nothing of conmon is left (the runtime's half-made container is the caller's)."""
         sync, sync_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         start, start_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            pid = os.posix_spawn(
-                str(self.binary),
+            # Started from the bundle dir: conmon writes files into its cwd (an "oom" marker).
+            # subprocess forks and execs in C: no Python runs in the child.
+            child = subprocess.Popen(
                 self.argv(runtime, container_id, name, bundle, log_path, tty, stdin),
-                {
-                    "_OCI_SYNCPIPE": str(_SYNC_FD),
-                    "_OCI_STARTPIPE": str(_START_FD),
+                executable=str(self.binary),
+                cwd=bundle,
+                env={
+                    "_OCI_SYNCPIPE": str(sync_theirs.fileno()),
+                    "_OCI_STARTPIPE": str(start_theirs.fileno()),
                     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 },
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, null, 0),
-                    (os.POSIX_SPAWN_DUP2, null, 1),
-                    (os.POSIX_SPAWN_DUP2, null, 2),
-                    (os.POSIX_SPAWN_DUP2, sync_theirs.fileno(), _SYNC_FD),
-                    (os.POSIX_SPAWN_DUP2, start_theirs.fileno(), _START_FD),
-                ],
-                setsid=True,  # its own session: a daemon restart or ^C never reaches it
-                setsigmask=(),
-                setsigdef=(signal.SIGPIPE,),
+                pass_fds=(sync_theirs.fileno(), start_theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own session: a daemon restart or ^C never reaches it
             )
         except OSError as exc:
             for s in (sync, sync_theirs, start, start_theirs):
                 s.close()
-            os.close(null)
             raise Internal(f"starting {self.binary}: {exc.strerror}") from exc
-        os.close(null)
+        # Reaped through its pidfd (the exit watcher), never by subprocess, whose late
+        # waitpid on a reused pid could steal another child's exit status.
+        child.returncode = 0
+        pid = child.pid
         sync_theirs.close()
         start_theirs.close()
         monitor: TrackedProcess | None = None
@@ -226,8 +224,9 @@ def read_exit(bundle: Path) -> Exit | None:
     return Exit(code=code, finished_at=finished, oom_killed=(bundle / OOM_FILE).exists())
 
 
-def reopen_log(bundle: Path) -> bool:
-    """Ask conmon to reopen the log file (after a rotation). False if nobody listens."""
+def reopen_log(bundle: Path, log_path: str, timeout: float = 5.0) -> bool:
+    """Ask conmon to reopen the log file (after a rotation) and return once it has (as
+    CRI-O does: the caller looks for the file at once). False if nobody listens."""
     try:
         fd = os.open(bundle / CONTROL_FIFO, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -238,4 +237,7 @@ def reopen_log(bundle: Path) -> bool:
         os.write(fd, b"2 0 0\n")
     finally:
         os.close(fd)
+    deadline = time.monotonic() + timeout
+    while log_path and not os.path.exists(log_path) and time.monotonic() < deadline:
+        time.sleep(0.001)
     return True

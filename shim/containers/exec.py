@@ -9,6 +9,7 @@ runtime's client alone would leave a grandchild holding the pipes open.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import selectors
@@ -18,12 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shim.containers.runtime import Runtime
-from shim.errors import DeadlineExceeded, ResourceExhausted
+from shim.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
+from shim.store import write_atomically
 
 # Each of stdout and stderr; the reply must also fit a gRPC message (16 MiB).
 MAX_OUTPUT = 7 * 1024 * 1024
+# After the command is killed, how long the runtime's client gets to reap it and exit.
+CLIENT_WAIT = 5.0
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
@@ -42,11 +47,17 @@ def exec_sync(
     timeout: float,
     tasks: Callable[[], list[int]],
 ) -> ExecResult:
-    """Run `cmd` in the container; timeout 0 waits for ever. `tasks` lists the pids in
-    the container's cgroup: on timeout, those the command started are killed too."""
-    pid_file = bundle / f"exec-{secrets.token_hex(8)}.pid"
+    """Run `cmd` in the container with the container's own process settings (user,
+    groups, capabilities, no_new_privs, cwd, environment); timeout 0 waits for ever.
+    `tasks` lists the pids in the container's cgroup: on timeout, those the command
+    started are killed too."""
+    token = secrets.token_hex(8)
+    pid_file = bundle / f"exec-{token}.pid"
+    process_file = bundle / f"exec-{token}.json"
+    # Spelled out, as CRI-O does: crun's exec without --process runs as root in /.
+    write_atomically(process_file, json.dumps(_process(bundle, cmd)).encode(), durable=False)
     proc = subprocess.Popen(
-        runtime.argv("exec", "--pid-file", str(pid_file), container_id, *cmd),
+        runtime.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file), container_id),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -69,6 +80,18 @@ def exec_sync(
         return ExecResult(stdout=out, stderr=err, exit_code=proc.wait())
     finally:
         pid_file.unlink(missing_ok=True)
+        process_file.unlink(missing_ok=True)
+
+
+def _process(bundle: Path, cmd: list[str]) -> dict[str, Any]:
+    """The container's `process` from its config.json, running `cmd`."""
+    try:
+        process = json.loads((bundle / "config.json").read_bytes())["process"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"the container's spec cannot be read: {exc}") from None
+    process["args"] = list(cmd)
+    process["terminal"] = False
+    return dict(process)
 
 
 def _collect(proc: subprocess.Popen[bytes], deadline: float | None) -> tuple[bytes, bytes, str | None]:
@@ -106,6 +129,13 @@ def _kill(proc: subprocess.Popen[bytes], pid_file: Path, tasks: Callable[[], lis
         for victim in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
+    # The runtime's client reaps the command it started: killed first, it would leave the
+    # command a zombie (ours, as a subreaper) that keeps a pod's pid namespace from ending.
+    try:
+        proc.wait(CLIENT_WAIT)
+        return
+    except subprocess.TimeoutExpired:
+        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
 

@@ -512,7 +512,7 @@ class ContainerManager:
         record = container.record
         if record.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {record.id} is not running: its log is not open")
-        if not reopen_log(self.bundle(record.id)):
+        if not reopen_log(self.bundle(record.id), record.log_path):
             raise FailedPrecondition(
                 f"container {record.id}: its monitor is gone, the log cannot be reopened"
             )
