@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="STEP",
         help="for tests, repeatable: make every call fail at STEP (RunPodSandbox: mkdir, spawn, pin, "
-        "network, save), with crash:STEP kill the daemon there, with undo:STEP make that undo fail",
+        "network, save, commit), with crash:STEP kill the daemon there, with undo:STEP make that undo fail",
     )
     images = commands.add_parser("images", help="manage the image store without a registry")
     image_commands = images.add_subparsers(dest="images_command", required=True)

@@ -172,6 +172,7 @@ class SandboxManager:
             self._inject("save")
             made.undo("delete_record", self.store.delete, sandbox_id)
             self.store.save(record)
+            self._inject("commit")  # written, not yet committed: the only way to reach delete_record
         except BaseException:
             if made.rollback():
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,5 +1,5 @@
 """State that survives the daemon: kill -9 and restart, pauses dying on their
-own, and a daemon that dies in the middle of RunPodSandbox."""
+own. (A daemon that dies in the middle of RunPodSandbox: test_failure_injection.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from conftest import Daemon, nsfs_mounts_under, pause_pids, pod_config, run_pod, status
+from conftest import Daemon, pause_pids, pod_config, run_pod, status
 
 from shim._proto import api_pb2
 
@@ -102,22 +101,6 @@ def test_reused_pid_is_not_mistaken_for_the_pause(daemon: Daemon) -> None:
     assert status(daemon, sandbox_id).status.state == api_pb2.SANDBOX_NOTREADY
     # The real pause is not signalled by mistake: Remove does not know it any more,
     # so the test's own cleanup (by sandbox id) ends it.
-
-
-@pytest.mark.parametrize("step", ["spawn", "pin", "network", "save"])
-def test_daemon_dying_mid_run_is_swept_on_restart(daemon_factory: type[Daemon], step: str) -> None:
-    d = daemon_factory(extra_args=["--fail-at", f"crash:{step}"])  # type: ignore[call-arg]
-    before = pause_pids()
-    with pytest.raises(grpc.RpcError) as err:
-        run_pod(d)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert d.proc is not None and d.proc.wait(timeout=10) == 70
-    d.start(extra_args=[])
-    assert pause_pids() - before == set()
-    assert nsfs_mounts_under(d.base) == []
-    assert list((d.run_root / "sandboxes").iterdir()) == []
-    assert list(d.netns_dir.iterdir()) == []
-    assert d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
 
 
 def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon) -> None:
