@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from shim._proto import api_pb2
 from shim.namespaces import NamespacePaths
 from shim.network import PodNetwork, PortMapping
 from shim.procs import ProcessIdentity
@@ -107,33 +110,51 @@ class SandboxRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
+        """The record a file holds; ValueError (or KeyError, TypeError) for anything
+        else: every value is checked for its type and range, so that a damaged file is
+        refused, never loaded half valid (every later list would fail on it)."""
         if data.get("version") != RECORD_VERSION:
             raise ValueError(f"record version {data.get('version')!r} is not {RECORD_VERSION}")
         if not is_id(data["id"]):
             raise ValueError(f"record id {data['id']!r} is not 64 hex characters")
-        modes = data["modes"]
-        pause = data["pause"]
+        md, modes, pause = data["metadata"], data["modes"], data["pause"]
+        config = base64.b64decode(_str(data["config"], "config"), validate=True)
+        try:
+            api_pb2.PodSandboxConfig.FromString(config)  # shown by verbose status
+        except DecodeError as exc:
+            raise ValueError(f"config: {exc}") from None
         return cls(
             id=data["id"],
-            metadata=Metadata(**data["metadata"]),
+            metadata=Metadata(
+                name=_str(md["name"], "name"),
+                uid=_str(md["uid"], "uid"),
+                namespace=_str(md["namespace"], "namespace"),
+                attempt=_int(md["attempt"], "attempt", 0, 2**32 - 1),
+            ),
             state=SandboxState(data["state"]),
-            created_at=int(data["created_at"]),
+            created_at=_int(data["created_at"], "created_at", -(2**63), 2**63 - 1),
             modes=NamespaceModes(
                 network=NamespaceMode[modes["network"]],
                 pid=NamespaceMode[modes["pid"]],
                 ipc=NamespaceMode[modes["ipc"]],
-                target_id=modes["target_id"],
+                target_id=_str(modes["target_id"], "target_id"),
             ),
-            runtime_handler=data["runtime_handler"],
-            hostname=data["hostname"],
-            log_directory=data["log_directory"],
-            labels=dict(data["labels"]),
-            annotations=dict(data["annotations"]),
-            pause=None if pause is None else ProcessIdentity(**pause),
-            namespaces=NamespacePaths.of(data["namespaces"]),
+            runtime_handler=_str(data["runtime_handler"], "runtime_handler"),
+            hostname=_str(data["hostname"], "hostname"),
+            log_directory=_str(data["log_directory"], "log_directory"),
+            labels=_strings(data["labels"], "labels"),
+            annotations=_strings(data["annotations"], "annotations"),
+            pause=None
+            if pause is None
+            else ProcessIdentity(
+                pid=_int(pause["pid"], "pid", 1, 2**31 - 1),
+                start_time=_int(pause["start_time"], "start_time", 0, 2**64 - 1),
+                boot_id=_str(pause["boot_id"], "boot_id"),
+            ),
+            namespaces=NamespacePaths.of(_strings(data["namespaces"], "namespaces")),
             network=None if data.get("network") is None else _network_from_json(data["network"]),
-            files=dict(data.get("files", {})),
-            config=base64.b64decode(data["config"]),
+            files=_strings(data.get("files", {}), "files"),
+            config=config,
         )
 
 
@@ -157,14 +178,46 @@ def _network_json(network: PodNetwork) -> dict[str, Any]:
 
 
 def _network_from_json(data: dict[str, Any]) -> PodNetwork:
+    additional = data["additional_ips"]
+    if not isinstance(additional, list):
+        raise ValueError("additional_ips is not a list")
+    cni_result = _str(data.get("cni_result", ""), "cni_result")
     return PodNetwork(
-        ip=data["ip"],
-        additional_ips=tuple(data["additional_ips"]),
-        host_interface=data["host_interface"],
-        cni_result=data.get("cni_result", ""),
-        backend=data.get("backend") or ("cni" if data.get("cni_result") else "bridge"),
-        port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
+        ip=_str(data["ip"], "ip"),
+        additional_ips=tuple(_str(ip, "additional_ips") for ip in additional),
+        host_interface=_str(data["host_interface"], "host_interface"),
+        cni_result=cni_result,
+        backend=_str(data.get("backend") or ("cni" if cni_result else "bridge"), "backend"),
+        port_mappings=tuple(
+            PortMapping(
+                protocol=_str(m["protocol"], "protocol"),
+                container_port=_int(m["container_port"], "container_port", 0, 65535),
+                host_port=_int(m["host_port"], "host_port", 0, 65535),
+                host_ip=_str(m["host_ip"], "host_ip"),
+            )
+            for m in data["port_mappings"]
+        ),
     )
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    return value
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _strings(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{what} is not a map of strings")
+    return dict(value)
 
 
 def sandbox_store(directory: Path) -> RecordStore[SandboxRecord]:

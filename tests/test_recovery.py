@@ -103,13 +103,29 @@ def test_reused_pid_is_not_mistaken_for_the_pause(daemon: Daemon) -> None:
     # so the test's own cleanup (by sandbox id) ends it.
 
 
-def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon) -> None:
-    sandbox_id = run_pod(daemon)
+def _damage(record: dict, how: str) -> None:  # type: ignore[type-arg]
+    if how == "future version":
+        record["version"] = 99  # written by a newer pyshim, say
+    elif how == "label not a string":
+        record["labels"]["keep"] = None  # was loaded, then failed every ListPodSandbox as INTERNAL
+    elif how == "created_at Infinity":
+        record["created_at"] = float("inf")  # was an OverflowError that stopped the daemon's start
+    elif how == "pid out of range":
+        record["pause"]["pid"] = 2**70
+    else:
+        record["config"] = "AAAA"  # base64 of bytes that are no PodSandboxConfig
+
+
+@pytest.mark.parametrize(
+    "how", ["future version", "label not a string", "created_at Infinity", "pid out of range", "bad config"]
+)
+def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon, how: str) -> None:
+    sandbox_id = run_pod(daemon, labels={"keep": "me"})
     info = details(daemon, sandbox_id)
     daemon.kill9()
     record_path = daemon.root / "sandboxes" / f"{sandbox_id}.json"
     record = json.loads(record_path.read_text())
-    record["version"] = 99  # written by a newer pyshim, say
+    _damage(record, how)
     record_path.write_text(json.dumps(record))
     daemon.start()
     # Not managed (so not listed), but neither killed nor unpinned nor deleted.
