@@ -50,6 +50,8 @@ def _bad_configs() -> list[tuple[str, api_pb2.RunPodSandboxRequest, str]]:
         ("huge annotations", req(pod_config(annotations={"a": "x" * (300 * 1024)})), "annotations take"),
         ("bad hostname", req(pod_config(hostname="bad host/name")), "hostname"),
         ("unknown handler", req(pod_config(), handler="kata"), "unknown runtime handler 'kata'"),
+        # Was echoed whole: a status header over gRPC's limit, RESOURCE_EXHAUSTED at the client.
+        ("huge handler", req(pod_config(), handler="é" * 30000), "unknown runtime handler 'ééé"),
         ("node sysctl", req(pod_config(sysctls={"kernel.panic": "1"})), "not namespaced"),
         ("sysctl path", req(pod_config(sysctls={"net/../../kernel/panic": "1"})), "malformed"),
         ("sysctl dotdot", req(pod_config(sysctls={"net.ipv4..conf": "1"})), "malformed"),
