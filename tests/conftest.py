@@ -41,9 +41,10 @@ for _name, _random in (("ci", False), ("long", True)):
 settings.load_profile("long" if _FUZZ_EXAMPLES else "ci")
 
 
-def examples(ci: int) -> int:
-    """How many examples a property-based test runs: `ci` unless PYSHIM_FUZZ_EXAMPLES says."""
-    return int(_FUZZ_EXAMPLES) if _FUZZ_EXAMPLES else ci
+def examples(ci: int, long_share: float = 1.0) -> int:
+    """How many examples a property-based test runs: `ci`, or PYSHIM_FUZZ_EXAMPLES times
+    `long_share` (for tests whose examples take a second, not milliseconds)."""
+    return max(1, int(int(_FUZZ_EXAMPLES) * long_share)) if _FUZZ_EXAMPLES else ci
 
 
 def pytest_configure(config: pytest.Config) -> None:

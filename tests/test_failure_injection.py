@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 import pytest
 from conftest import Daemon, examples, pod_config, run_pod
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from leaks import DaemonState, assert_state, daemon_state, sockets_in_other_netns
@@ -314,8 +314,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(step=draw(st.sampled_from(STEPS)), crash=draw(st.booleans()), pod=pod, undo_faults=faults)
 
 
+@pytest.mark.fuzz
 @given(scenario=scenarios())
-@hsettings(max_examples=examples(10))
+@hsettings(max_examples=examples(10, long_share=0.05))  # each example restarts the daemon 2-3 times
 def test_random_fault_combinations_leave_nothing_or_finishable_remains(
     module_daemon: Daemon, scenario: Scenario
 ) -> None:
@@ -323,6 +324,8 @@ def test_random_fault_combinations_leave_nothing_or_finishable_remains(
     before = reset(d)
     config = scenario.pod.config()
     dies, record, failed = scenario.expect()
+    event("daemon dies" if dies else "undo fails" if failed else "rolled back")
+    event("a record survives" if record else "no record")
     d.restart(extra_args=scenario.flags())
     err = run_fails(d, config)
     if dies:
