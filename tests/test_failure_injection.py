@@ -9,7 +9,12 @@ One daemon serves the whole module, restarted with other --fail-at flags per cas
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -30,6 +35,7 @@ STEPS = ("mkdir", "spawn", "pin", "network", "save", "commit")
 NETWORKS = ("pod", "host")
 UNDOS = ("close_netlink", "kill_pause", "unpin", "network", "delete_record")
 _next_port = iter(range(31000, 32000))
+_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,44 @@ def test_failed_undo_keeps_a_notready_sandbox_that_stop_and_remove_finish(
     made_once_the_fault_is_gone(d, config, before)
 
 
+def pinned_if_ready(d: Daemon, sandbox_id: str) -> None:
+    """READY means the pause runs and every namespace is pinned (a mount at its path)."""
+    reply = d.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True), timeout=10
+    )
+    if reply.status.state == api_pb2.SANDBOX_READY:
+        paths = json.loads(reply.info["info"])["namespaces"].values()
+        assert paths and all(os.path.ismount(p) for p in paths), f"READY without its pins: {paths}"
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_a_rollback_that_dies_after_its_record_could_not_be_deleted(faulty: Daemon, network: str) -> None:
+    """Two faults: the record (READY) cannot be deleted, then the daemon dies while
+    undoing the rest, after the pins went but before the pause did. On restart the
+    pause lives but its namespaces are gone: NOTREADY, not READY, and Stop/Remove
+    finish it."""
+    d = faulty
+    before = daemon_state(d)
+    config = Pod(network).config()
+    d.restart(
+        extra_args=[
+            "--fail-at",
+            "commit",
+            "--fail-at",
+            "undo:delete_record",
+            "--fail-at",
+            "crash:undo:kill_pause",
+        ]
+    )
+    crashed(d, run_fails(d, config))
+    (pod,) = listed(d)
+    assert pod.state == api_pb2.SANDBOX_NOTREADY
+    pinned_if_ready(d, pod.id)
+    remove(d, pod.id)
+    assert_state(d, before, "after removing what the two faults left")
+    made_once_the_fault_is_gone(d, config, before)
+
+
 # ---- random combinations -----------------------------------------------------------------------
 
 
@@ -310,8 +354,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         ipc=draw(st.sampled_from([api_pb2.POD, api_pb2.NODE])),
         host_port=draw(st.booleans()),
     )
-    faults = draw(st.dictionaries(st.sampled_from(UNDOS), st.sampled_from(["fail", "crash"]), max_size=3))
-    return Scenario(step=draw(st.sampled_from(STEPS)), crash=draw(st.booleans()), pod=pod, undo_faults=faults)
+    faults = draw(
+        st.dictionaries(st.sampled_from(UNDOS), st.sampled_from(["fail", "fail", "crash"]), max_size=3)
+    )
+    crash = draw(st.sampled_from([False, False, True]))
+    return Scenario(step=draw(st.sampled_from(STEPS)), crash=crash, pod=pod, undo_faults=faults)
 
 
 @pytest.mark.fuzz
@@ -341,6 +388,7 @@ def test_random_fault_combinations_leave_nothing_or_finishable_remains(
     else:
         (pod,) = pods
         assert pod.metadata.name == config.metadata.name
+        pinned_if_ready(d, pod.id)
         if not dies:
             assert pod.state == api_pb2.SANDBOX_NOTREADY
             assert undo_failures_logged(d, pod.id) == failed
@@ -369,3 +417,34 @@ def test_the_fault_points_are_where_this_module_thinks(faulty: Daemon) -> None:
         assert undo_failures_logged(d, left.id) == set(registered_undos("commit", pod))
         remove(d, left.id)
         assert_state(d, before, f"after removing what every failed undo left ({network} network)")
+
+
+def test_the_stray_socket_check_sees_a_socket_in_a_pod_namespace(faulty: Daemon) -> None:
+    """no_stray_sockets must be able to fail: a socket this process opens inside a
+    pod's network namespace (from a thread that enters it) is found."""
+    d = faulty
+    sandbox_id = run_pod(d)
+    pin = d.netns_dir / f"pyshim-{sandbox_id}"
+    made: list[socket.socket] = []
+
+    def open_inside() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(pin, os.O_RDONLY)
+        try:
+            assert libc.setns(target, _CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            assert libc.setns(home, _CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.close(home)
+            os.close(target)
+
+    thread = threading.Thread(target=open_inside)
+    thread.start()
+    thread.join()
+    try:
+        assert sockets_in_other_netns(os.getpid()) == [made[0].fileno()]
+    finally:
+        made[0].close()
+        remove(d, sandbox_id)
+    assert sockets_in_other_netns(os.getpid()) == []
