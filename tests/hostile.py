@@ -374,18 +374,16 @@ _HOSTILE_ANNOTATIONS = st.one_of(
     st.integers(0, 1).map(lambda extra: {"a": "x" * (256 * KiB - 1 + extra)}),
     st.just({"a": "é" * (128 * KiB)}),
 )
-_DNS = st.one_of(
-    st.none(),
-    st.builds(
-        api_pb2.DNSConfig,
-        servers=st.lists(valid_ip, max_size=3),
-        searches=st.lists(valid_dns_word, max_size=3),
-        options=st.lists(valid_dns_word, max_size=3),
-    ),
+_DNS_CONFIG = st.builds(
+    api_pb2.DNSConfig,
+    servers=st.lists(valid_ip, max_size=3),
+    searches=st.lists(valid_dns_word, max_size=3),
+    options=st.lists(valid_dns_word, max_size=3),
 )
+_DNS = st.one_of(st.none(), _DNS_CONFIG)
 _HOSTILE_DNS = st.one_of(
     _one_bad_field(
-        _DNS.filter(lambda d: d is not None),
+        _DNS_CONFIG,
         {
             "servers": st.one_of(hostile_ip.map(lambda ip: [ip]), st.just(["10.0.0.1"] * 4)),
             "searches": st.one_of(hostile_text.map(lambda w: ["a", w]), st.just(["s"] * 33)),

@@ -10,6 +10,7 @@ in its own nftables table.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import time
@@ -137,7 +138,10 @@ def sockets_in_other_netns(pid: int) -> list[int]:
                 continue  # closed meanwhile
             fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
             if fd < 0:
-                continue
+                err = ctypes.get_errno()
+                if err == errno.EBADF:
+                    continue  # closed meanwhile
+                raise OSError(err, f"pidfd_getfd of fd {name} of pid {pid}: {os.strerror(err)}")
             try:
                 netns = fcntl.ioctl(fd, _SIOCGSKNS)
             except OSError:

@@ -94,6 +94,7 @@ class World:
     pods: list[Persistent]
     created: dict[str, int]  # id -> created_at
     base: DaemonState
+    base_listing: bytes = b""
 
     @property
     def ids(self) -> list[str]:
@@ -110,6 +111,12 @@ class World:
     def unchanged(self, what: str) -> None:
         self.alive()
         assert_state(self.d, self.base, what)
+        # Every field of every pod too (labels, annotations, metadata, times).
+        assert self.listing() == self.base_listing, what
+
+    def listing(self) -> bytes:
+        reply = self.d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10)
+        return bytes(reply.SerializeToString(deterministic=True))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +149,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             time.sleep(0.02)  # the stopped pod's veth goes in the kernel's background
         base = daemon_state(d)
         assert len(base.veths) == 1 and len(base.host_ports) == 1
-        yield World(d, pods, created, base)
+        world = World(d, pods, created, base)
+        world.base_listing = world.listing()
+        yield world
         assert "Traceback" not in d.log.read_text(), "the daemon logged a traceback"
     finally:
         d.cleanup()
