@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from shim.errors import FailedPrecondition
@@ -24,7 +25,7 @@ def hold(path: Path, what: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd)
         os.close(fd)
         raise FailedPrecondition(
             f"another pyshim (pid {holder}) is running with {what}; stop it first, "
@@ -33,6 +34,17 @@ def hold(path: Path, what: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _holder(fd: int) -> str:
+    # The holder writes its pid just after it took the lock: a loser that lost by a
+    # hair reads an empty file, so it looks again for a moment.
+    deadline = time.monotonic() + 1.0
+    while True:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "unknown"
+        time.sleep(0.01)
 
 
 def hold_all(root: Path, run_root: Path, socket: Path) -> list[int]:
