@@ -339,11 +339,8 @@ def daemon(daemon_factory: type[Daemon]) -> Daemon:
 
 
 @pytest.fixture(autouse=True)
-def leak_check(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+def leak_check(tmp_path: Path) -> Iterator[None]:
     """After each test: no pause it made is alive, no namespace pin is mounted, no veth left."""
-    if request.node.get_closest_marker("unit"):
-        yield  # pure modules: nothing on the node to check, and they must stay fast
-        return
     before = pause_pids()
     veths_before = veth_names() if IS_ROOT else set()
     forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()

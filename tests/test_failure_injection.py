@@ -410,6 +410,18 @@ def test_random_fault_combinations_leave_nothing_or_finishable_remains(
         raise
 
 
+def test_every_step_of_run_is_in_the_matrix() -> None:
+    """The steps `pyshim serve --help` names for RunPodSandbox are exactly STEPS: a new
+    step must join the matrix (and registered_undos, expected_remains, leaks.py)."""
+    from shim.cli import _parser
+
+    serve = next(a for a in _parser()._actions if a.dest == "command").choices["serve"]  # type: ignore[attr-defined]
+    text = " ".join(next(a.help for a in serve._actions if a.dest == "fail_at").split())
+    found = re.search(r"RunPodSandbox: ([a-z, -]+?)[;)]", text)
+    assert found is not None, text
+    assert tuple(step.strip() for step in found.group(1).split(",")) == STEPS
+
+
 def test_the_fault_points_are_where_this_module_thinks(faulty: Daemon) -> None:
     """The model above (registered_undos) must follow the code: with every undo made
     to fail at the last step, the log names exactly the undos the model expects."""

@@ -1,1 +1,1 @@
-"""Unit tests of the pure modules: no root, no daemon, well under a second in all."""
+"""Unit tests of pure modules (a package, so that its conftest does not shadow tests/conftest.py)."""

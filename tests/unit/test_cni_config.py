@@ -12,8 +12,6 @@ from shim.errors import FailedPrecondition
 from shim.network import PortMapping
 from shim.network.cni import CniNetwork, NetworkList, config_files, find_plugin, load
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, tuple[Path, ...]]:

@@ -16,8 +16,6 @@ from shim.errors import ResourceExhausted
 from shim.network.ipam import Ipam
 from shim.store import new_id
 
-pytestmark = pytest.mark.unit
-
 SUBNET = ipaddress.ip_network("10.1.2.0/29")  # hosts .1-.6; .1 is the gateway: 5 for pods
 GATEWAY = ipaddress.ip_address("10.1.2.1")
 

@@ -12,8 +12,6 @@ import pytest
 from shim.errors import FailedPrecondition
 from shim.lockfile import hold
 
-pytestmark = pytest.mark.unit
-
 
 def test_the_loser_names_the_holder(tmp_path: Path) -> None:
     path = tmp_path / "pyshim.lock"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import examples
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from shim.server import MAX_MESSAGE_BYTES, bounded
-
-pytestmark = pytest.mark.unit
 
 
 @given(

@@ -30,8 +30,6 @@ from shim.sandbox_record import (
 )
 from shim.store import Metadata, is_id, new_id, write_atomically
 
-pytestmark = pytest.mark.unit
-
 text = st.text(max_size=12)
 ids = st.text("0123456789abcdef", min_size=64, max_size=64)
 modes = st.sampled_from(list(NamespaceMode))

@@ -17,8 +17,6 @@ from shim.errors import AlreadyExists, InvalidArgument, NotFound
 from shim.registry import Registry
 from shim.store import new_id
 
-pytestmark = pytest.mark.unit
-
 
 @dataclass(eq=False)
 class Entry:

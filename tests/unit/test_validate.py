@@ -16,8 +16,6 @@ from shim.network import PortMapping
 from shim.sandbox_record import NamespaceMode
 from shim.validate import MAX_CONFIG_BYTES, id_prefix, sandbox_spec
 
-pytestmark = pytest.mark.unit
-
 HANDLERS = ("runc", "kata")
 
 
