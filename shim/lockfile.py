@@ -37,14 +37,13 @@ def hold(path: Path, what: str) -> int:
 
 
 def _holder(fd: int) -> str:
-    # The holder writes its pid just after it took the lock: a loser that lost by a
-    # hair reads an empty file, so it looks again for a moment.
-    deadline = time.monotonic() + 1.0
-    while True:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if holder or time.monotonic() > deadline:
-            return holder or "unknown"
+    """The pid in the lock file; a holder that just took the lock writes it a moment later."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
         time.sleep(0.01)
+    return "unknown"
 
 
 def hold_all(root: Path, run_root: Path, socket: Path) -> list[int]:
