@@ -136,9 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="STEP",
         help="for tests, repeatable: make every call fail at STEP (RunPodSandbox: mkdir, cgroup, spawn, "
-        "pin, shm, network, save; CreateContainer: container-mkdir, -rootfs, -spec, -create, -save; "
-        "StartContainer: container-start), with crash:STEP kill the daemon there, with undo:NAME make "
-        "that undo step fail",
+        "pin, shm, network, save, commit; CreateContainer: container-mkdir, -rootfs, -spec, -create, "
+        "-save; StartContainer: container-start), with crash:STEP kill the daemon there, with undo:NAME "
+        "make that undo step fail",
     )
     images = commands.add_parser("images", help="manage the image store without a registry")
     image_commands = images.add_subparsers(dest="images_command", required=True)

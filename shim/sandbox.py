@@ -194,6 +194,7 @@ class SandboxManager:
             self._inject("save")
             made.undo("delete_record", self.store.delete, sandbox_id)
             self.store.save(record)
+            self._inject("commit")  # written, not yet committed: the only way to reach delete_record
         except BaseException:
             if made.rollback():
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -515,6 +516,14 @@ class SandboxManager:
             record = replace(record, state=SandboxState.NOTREADY, pause=None)
             self.store.save(record)
             log.warning("event=pause_gone sandbox=%s state=NOTREADY", record.id)
+        elif record.state is SandboxState.READY and not all(
+            os.path.ismount(path) for path in record.namespaces.as_dict().values()
+        ):
+            # A rollback that died after its record could not be deleted: the pause may
+            # live on while its pins are gone. Not READY; Stop and Remove finish it.
+            record = replace(record, state=SandboxState.NOTREADY)
+            self.store.save(record)
+            log.warning("event=pins_gone sandbox=%s state=NOTREADY", record.id)
         sandbox = Sandbox(record=record, pause=pause)
         self.registry.adopt(sandbox)
         self._watch(sandbox)

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from shim._proto import api_pb2
 from shim.namespaces import NamespacePaths
 from shim.network import PodNetwork, PortMapping
 from shim.procs import ProcessIdentity
-from shim.store import Metadata, RecordStore, is_id
+from shim.store import Metadata, RecordStore, is_id, json_int, json_str, json_str_list, json_strings
 
 RECORD_VERSION = 1
 
@@ -117,36 +120,54 @@ class SandboxRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
+        """The record a file holds; ValueError (or KeyError, TypeError) for anything
+        else: every value is checked for its type and range, so that a damaged file is
+        refused, never loaded half valid (every later list would fail on it)."""
         if data.get("version") != RECORD_VERSION:
             raise ValueError(f"record version {data.get('version')!r} is not {RECORD_VERSION}")
         if not is_id(data["id"]):
             raise ValueError(f"record id {data['id']!r} is not 64 hex characters")
-        modes = data["modes"]
-        pause = data["pause"]
+        md, modes, pause = data["metadata"], data["modes"], data["pause"]
+        config = base64.b64decode(json_str(data["config"], "config"), validate=True)
+        try:
+            api_pb2.PodSandboxConfig.FromString(config)  # shown by verbose status
+        except DecodeError as exc:
+            raise ValueError(f"config: {exc}") from None
         return cls(
             id=data["id"],
-            metadata=Metadata(**data["metadata"]),
+            metadata=Metadata(
+                name=json_str(md["name"], "name"),
+                uid=json_str(md["uid"], "uid"),
+                namespace=json_str(md["namespace"], "namespace"),
+                attempt=json_int(md["attempt"], "attempt", 0, 2**32 - 1),
+            ),
             state=SandboxState(data["state"]),
-            created_at=int(data["created_at"]),
+            created_at=json_int(data["created_at"], "created_at", -(2**63), 2**63 - 1),
             modes=NamespaceModes(
                 network=NamespaceMode[modes["network"]],
                 pid=NamespaceMode[modes["pid"]],
                 ipc=NamespaceMode[modes["ipc"]],
-                target_id=modes["target_id"],
+                target_id=json_str(modes["target_id"], "target_id"),
             ),
-            runtime_handler=data["runtime_handler"],
-            hostname=data["hostname"],
-            log_directory=data["log_directory"],
-            labels=dict(data["labels"]),
-            annotations=dict(data["annotations"]),
-            pause=None if pause is None else ProcessIdentity(**pause),
-            namespaces=NamespacePaths.of(data["namespaces"]),
+            runtime_handler=json_str(data["runtime_handler"], "runtime_handler"),
+            hostname=json_str(data["hostname"], "hostname"),
+            log_directory=json_str(data["log_directory"], "log_directory"),
+            labels=json_strings(data["labels"], "labels"),
+            annotations=json_strings(data["annotations"], "annotations"),
+            pause=None
+            if pause is None
+            else ProcessIdentity(
+                pid=json_int(pause["pid"], "pid", 1, 2**31 - 1),
+                start_time=json_int(pause["start_time"], "start_time", 0, 2**64 - 1),
+                boot_id=json_str(pause["boot_id"], "boot_id"),
+            ),
+            namespaces=NamespacePaths.of(json_strings(data["namespaces"], "namespaces")),
             network=None if data.get("network") is None else _network_from_json(data["network"]),
-            files=dict(data.get("files", {})),
-            cgroup_parent=str(data.get("cgroup_parent", "")),
-            cgroup_created=tuple(str(d) for d in data.get("cgroup_created", ())),
-            shm=str(data.get("shm", "")),
-            config=base64.b64decode(data["config"]),
+            files=json_strings(data.get("files", {}), "files"),
+            cgroup_parent=json_str(data.get("cgroup_parent", ""), "cgroup_parent"),
+            cgroup_created=json_str_list(data.get("cgroup_created", []), "cgroup_created"),
+            shm=json_str(data.get("shm", ""), "shm"),
+            config=config,
         )
 
 
@@ -170,13 +191,25 @@ def _network_json(network: PodNetwork) -> dict[str, Any]:
 
 
 def _network_from_json(data: dict[str, Any]) -> PodNetwork:
+    additional = data["additional_ips"]
+    if not isinstance(additional, list):
+        raise ValueError("additional_ips is not a list")
+    cni_result = json_str(data.get("cni_result", ""), "cni_result")
     return PodNetwork(
-        ip=data["ip"],
-        additional_ips=tuple(data["additional_ips"]),
-        host_interface=data["host_interface"],
-        cni_result=data.get("cni_result", ""),
-        backend=data.get("backend") or ("cni" if data.get("cni_result") else "bridge"),
-        port_mappings=tuple(PortMapping(**m) for m in data["port_mappings"]),
+        ip=json_str(data["ip"], "ip"),
+        additional_ips=tuple(json_str(ip, "additional_ips") for ip in additional),
+        host_interface=json_str(data["host_interface"], "host_interface"),
+        cni_result=cni_result,
+        backend=json_str(data.get("backend") or ("cni" if cni_result else "bridge"), "backend"),
+        port_mappings=tuple(
+            PortMapping(
+                protocol=json_str(m["protocol"], "protocol"),
+                container_port=json_int(m["container_port"], "container_port", 0, 65535),
+                host_port=json_int(m["host_port"], "host_port", 0, 65535),
+                host_ip=json_str(m["host_ip"], "host_ip"),
+            )
+            for m in data["port_mappings"]
+        ),
     )
 
 

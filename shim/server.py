@@ -60,6 +60,7 @@ RUNTIME_API_VERSION = "v1"
 # memory. Replies may be larger (lists): kubelet's client accepts 16 MiB.
 MAX_REQUEST = 4 * 1024 * 1024 + 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 2000  # of an error's message: at most 6 KB once percent-encoded
 _UNIX_PATH_MAX = 107
 # Polled every second or so by kubelet: logged at debug level only.
 _QUIET = {
@@ -93,15 +94,16 @@ def rpc(method: F) -> F:
                 )
             response = method(self, request, context)
         except ShimError as exc:
+            message = bounded(str(exc))
             log.warning(
                 "rpc=%s code=%s ms=%.2f%s error=%r",
                 name,
                 exc.code.name,
                 _ms(start),
                 _subject(request, None),
-                str(exc),
+                message,
             )
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, message)
         except Exception:
             log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), _subject(request, None))
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
@@ -110,6 +112,17 @@ def rpc(method: F) -> F:
         return response
 
     return wrapper  # type: ignore[return-value]
+
+
+def bounded(message: str) -> str:
+    """A status message short enough for its header: gRPC percent-encodes every byte
+    outside printable ASCII (3 bytes each) and clients refuse headers over 8-16 KiB,
+    so a message echoing a huge request field would reach the client as
+    RESOURCE_EXHAUSTED instead of its own code."""
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
+    return raw[:MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
 
 
 def _ms(start: float) -> float:

@@ -75,6 +75,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Typed reads of a record's JSON: a damaged file is refused (ValueError), never half-loaded.
+
+
+def json_str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not a string")
+    return value
+
+
+def json_int(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} is not an integer in [{low}, {high}]")
+    return value
+
+
+def json_strings(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{what} is not a map of strings")
+    return dict(value)
+
+
+def json_str_list(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} is not a list of strings")
+    return tuple(value)
+
+
 class Record(Protocol):
     @property
     def id(self) -> str: ...

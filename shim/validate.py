@@ -100,7 +100,7 @@ def sandbox_spec(request: api_pb2.RunPodSandboxRequest, handlers: tuple[str, ...
     handler = request.runtime_handler or handlers[0]
     _check(
         handler in handlers,
-        f"unknown runtime handler {request.runtime_handler!r} (known: {', '.join(handlers)})",
+        f"unknown runtime handler {request.runtime_handler[:80]!r} (known: {', '.join(handlers)})",
     )
     modes = _modes(config)
     hostname = config.hostname

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,11 +24,32 @@ from pathlib import Path
 import grpc
 import pytest
 from cgrouptools import cgroups_under, remove_cgroups_under
+from hypothesis import HealthCheck, settings
 
 from shim._proto import api_pb2, api_pb2_grpc
 
 IS_ROOT = os.geteuid() == 0
 _PR_SET_CHILD_SUBREAPER = 36
+
+# Property-based tests: a fixed seed and modest example counts in CI; PYSHIM_FUZZ_EXAMPLES=N
+# (e.g. 5000) gives every such test N examples from a random seed (printed on failure).
+_FUZZ_EXAMPLES = os.environ.get("PYSHIM_FUZZ_EXAMPLES", "")
+for _name, _random in (("ci", False), ("long", True)):
+    settings.register_profile(
+        _name,
+        derandomize=not _random,
+        database=None,
+        deadline=None,  # calls to a real daemon vary in time
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+settings.load_profile("long" if _FUZZ_EXAMPLES else "ci")
+
+
+def examples(ci: int, long_share: float = 1.0) -> int:
+    """How many examples a property-based test runs: `ci`, or PYSHIM_FUZZ_EXAMPLES times
+    `long_share` (for tests whose examples take a second, not milliseconds)."""
+    return max(1, int(int(_FUZZ_EXAMPLES) * long_share)) if _FUZZ_EXAMPLES else ci
 
 
 # ---- what the suite runs -----------------------------------------------------------------
@@ -189,6 +211,15 @@ def veth_names() -> set[str]:
     return {name for name in os.listdir("/sys/class/net") if name.startswith("psh")}
 
 
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Daemon:
     """A pyshim daemon subprocess with its own state dirs, bridge, subnet and
@@ -285,11 +316,13 @@ class Daemon:
                 self.argv(), stdout=log, stderr=log, cwd=self.base, env={**os.environ, **self.env}
             )
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        # Until it accepts a connection: after a kill -9 the dead daemon's socket file is
+        # still there, and a channel that connects too early waits out gRPC's ~1 s backoff.
+        while not _accepts(self.socket):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not create its socket:\n{self.log.read_text()}")
+                raise RuntimeError(f"daemon did not serve on its socket:\n{self.log.read_text()}")
             time.sleep(0.02)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         grpc.channel_ready_future(self.channel).result(timeout=30)

@@ -158,15 +158,6 @@ def test_crash_between_allocation_and_reply_loses_nothing(daemon_factory: type[D
     assert len({kept_ip, *(pod_ip(d, i) for i in fresh)}) == 4
 
 
-def test_failed_run_gives_its_address_back(daemon_factory: type[Daemon]) -> None:
-    d = daemon_factory(extra_args=["--fail-at", "network"])  # type: ignore[call-arg]
-    before = pause_pids()
-    with pytest.raises(grpc.RpcError):
-        run_pod(d)
-    assert list((d.run_root / "ipam").iterdir()) == []
-    assert pause_pids() - before == set()
-
-
 def test_dns_config_becomes_resolv_conf(daemon: Daemon) -> None:
     config = pod_config(hostname="web-0")
     config.dns_config.servers.extend(["10.96.0.10", "2001:db8::53"])

@@ -1,5 +1,5 @@
 """State that survives the daemon: kill -9 and restart, pauses dying on their
-own, and a daemon that dies in the middle of RunPodSandbox."""
+own. (A daemon that dies in the middle of RunPodSandbox: test_failure_injection.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from conftest import Daemon, nsfs_mounts_under, pause_pids, pod_config, run_pod, status
+from conftest import Daemon, pause_pids, pod_config, run_pod, status
 
 from shim._proto import api_pb2
 
@@ -108,29 +107,29 @@ def test_reused_pid_is_not_mistaken_for_the_pause(daemon: Daemon) -> None:
     assert pid not in pause_pids()
 
 
-@pytest.mark.parametrize("step", ["spawn", "pin", "network", "save"])
-def test_daemon_dying_mid_run_is_swept_on_restart(daemon_factory: type[Daemon], step: str) -> None:
-    d = daemon_factory(extra_args=["--fail-at", f"crash:{step}"])  # type: ignore[call-arg]
-    before = pause_pids()
-    with pytest.raises(grpc.RpcError) as err:
-        run_pod(d)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert d.proc is not None and d.proc.wait(timeout=10) == 70
-    d.start(extra_args=[])
-    assert pause_pids() - before == set()
-    assert nsfs_mounts_under(d.base) == []
-    assert list((d.run_root / "sandboxes").iterdir()) == []
-    assert list(d.netns_dir.iterdir()) == []
-    assert d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items == []
+def _damage(record: dict, how: str) -> None:  # type: ignore[type-arg]
+    if how == "future version":
+        record["version"] = 99  # written by a newer pyshim, say
+    elif how == "label not a string":
+        record["labels"]["keep"] = None  # was loaded, then failed every ListPodSandbox as INTERNAL
+    elif how == "created_at Infinity":
+        record["created_at"] = float("inf")  # was an OverflowError that stopped the daemon's start
+    elif how == "pid out of range":
+        record["pause"]["pid"] = 2**70
+    else:
+        record["config"] = "AAAA"  # base64 of bytes that are no PodSandboxConfig
 
 
-def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon) -> None:
-    sandbox_id = run_pod(daemon)
+@pytest.mark.parametrize(
+    "how", ["future version", "label not a string", "created_at Infinity", "pid out of range", "bad config"]
+)
+def test_record_that_cannot_be_loaded_is_left_alone(daemon: Daemon, how: str) -> None:
+    sandbox_id = run_pod(daemon, labels={"keep": "me"})
     info = details(daemon, sandbox_id)
     daemon.kill9()
     record_path = daemon.root / "sandboxes" / f"{sandbox_id}.json"
     record = json.loads(record_path.read_text())
-    record["version"] = 99  # written by a newer pyshim, say
+    _damage(record, how)
     record_path.write_text(json.dumps(record))
     daemon.start()
     # Not managed (so not listed), but neither killed nor unpinned nor deleted.

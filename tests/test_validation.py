@@ -1,5 +1,5 @@
-"""Bad and hostile requests get a clear status and change nothing; a failure at
-any step of RunPodSandbox leaves no process, mount or file behind."""
+"""Bad and hostile requests get a clear status and change nothing. (Failures at each
+step of RunPodSandbox: test_failure_injection.py; random hostile requests: test_fuzz.py.)"""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def _bad_configs() -> list[tuple[str, api_pb2.RunPodSandboxRequest, str]]:
         ("huge annotations", req(pod_config(annotations={"a": "x" * (300 * 1024)})), "annotations take"),
         ("bad hostname", req(pod_config(hostname="bad host/name")), "hostname"),
         ("unknown handler", req(pod_config(), handler="kata"), "unknown runtime handler 'kata'"),
+        # Was echoed whole: a status header over gRPC's limit, RESOURCE_EXHAUSTED at the client.
+        ("huge handler", req(pod_config(), handler="é" * 30000), "unknown runtime handler 'ééé"),
         ("node sysctl", req(pod_config(sysctls={"kernel.panic": "1"})), "not namespaced"),
         ("sysctl path", req(pod_config(sysctls={"net/../../kernel/panic": "1"})), "malformed"),
         ("sysctl dotdot", req(pod_config(sysctls={"net.ipv4..conf": "1"})), "malformed"),
@@ -136,21 +138,6 @@ def test_userns_with_mappings_is_unimplemented(daemon: Daemon) -> None:
     assert_nothing_made(daemon, before)
 
 
-@pytest.mark.parametrize("step", ["mkdir", "spawn", "pin", "network", "save"])
-def test_failure_at_any_step_rolls_back(daemon_factory: type[Daemon], step: str) -> None:
-    d = daemon_factory(extra_args=["--fail-at", step])  # type: ignore[call-arg]
-    before = pause_pids()
-    config = pod_config(pid=api_pb2.POD)
-    with pytest.raises(grpc.RpcError) as err:
-        run_pod(d, config)
-    assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert step in (err.value.details() or "")
-    assert_nothing_made(d, before)
-    # The name was released: the same pod can be made once the fault is gone.
-    d.restart(kill=False, extra_args=[])
-    assert run_pod(d, config)
-
-
 @pytest.mark.parametrize(
     ("sysctl", "value", "said"),
     [
@@ -168,25 +155,6 @@ def test_sysctl_the_kernel_refuses_is_invalid_argument(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sysctl in (err.value.details() or "") and said in (err.value.details() or "")
     assert_nothing_made(daemon, before)
-
-
-def test_failed_undo_keeps_a_notready_sandbox_that_remove_finishes(daemon_factory: type[Daemon]) -> None:
-    d = daemon_factory(extra_args=["--fail-at", "network", "--fail-at", "undo:unpin"])  # type: ignore[call-arg]
-    config = pod_config()
-    with pytest.raises(grpc.RpcError) as err:
-        run_pod(d, config)
-    assert err.value.code() == grpc.StatusCode.INTERNAL
-    (pod,) = d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
-    assert pod.state == api_pb2.SANDBOX_NOTREADY and pod.metadata.name == config.metadata.name
-    assert nsfs_mounts_under(d.base) != []  # the pins the undo could not remove, still known
-    with pytest.raises(grpc.RpcError) as err:
-        run_pod(d, config)  # the name stays taken until the remains are removed
-    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and pod.id in (err.value.details() or "")
-    d.restart()  # known across a restart too
-    d.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=30)
-    assert nsfs_mounts_under(d.base) == []
-    d.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30)
-    assert_nothing_made(d, set())
 
 
 def test_undefined_enum_values(daemon: Daemon) -> None:
