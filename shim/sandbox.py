@@ -231,12 +231,13 @@ class SandboxManager:
         if not existed and spec.limits != Limits():
             self.cgroups.set_limits(parent, spec.limits)
 
-    def remove_pod_cgroups(self, parent: str, created: tuple[str, ...]) -> None:
-        """Remove what pyshim made for a pod's cgroup: the pod's own directories must
-        go (processes left in them are the pod's: killed); ancestors made for it are
-        shared with other pods and go only once empty."""
+    def remove_pod_cgroups(self, sandbox_id: str, parent: str, created: tuple[str, ...]) -> None:
+        """Remove the pause's cgroup and what pyshim made for the pod's: the pod's own
+        directories must go (processes left in them are the pod's: killed); ancestors
+        made for it are shared with other pods and go only once empty."""
         if not parent:
             return
+        remove_when_empty(self.cgroups, pause_cgroup(parent, sandbox_id))
         own = [d for d in created if d.endswith(parent)]
         with self._cgroup_lock:
             if own:
@@ -396,7 +397,11 @@ class SandboxManager:
             and not record.namespaces.paths
             and not record.shm
         ):
-            return  # stopped before: nothing is left to release
+            # Stopped before: nothing is left to release but, after a failed undo, the
+            # pause's cgroup (gone already on every other path: this is an rmdir of nothing).
+            if record.cgroup_parent:
+                remove_when_empty(self.cgroups, pause_cgroup(record.cgroup_parent, record.id))
+            return
         pause, sandbox.pause = sandbox.pause, None  # first: its exit is then Stop's, not news
         if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
             sandbox.pause = pause
@@ -435,7 +440,8 @@ class SandboxManager:
                 return
             self._stop_locked(sandbox)
             self.containers.remove_all(sandbox.id)
-            self.remove_pod_cgroups(sandbox.record.cgroup_parent, sandbox.record.cgroup_created)
+            record = sandbox.record
+            self.remove_pod_cgroups(record.id, record.cgroup_parent, record.cgroup_created)
             shutil.rmtree(self.config.run_sandboxes_dir / sandbox.id, ignore_errors=True)
             self.store.delete(sandbox.id)
             sandbox.removed = True
@@ -561,8 +567,7 @@ class SandboxManager:
         except (OSError, ValueError):
             return
         try:
-            self.cgroups.remove(pause_cgroup(parent, sandbox_id))
-            self.remove_pod_cgroups(parent, tuple(created))
+            self.remove_pod_cgroups(sandbox_id, parent, tuple(created))
         except ShimError as exc:
             log.warning("event=cgroup_sweep_failed sandbox=%s reason=%r", sandbox_id, str(exc))
 
@@ -618,8 +623,7 @@ class _Made:
         del self.pins[kind]
 
     def drop_cgroups(self, manager: SandboxManager) -> None:
-        remove_when_empty(manager.cgroups, pause_cgroup(self.cgroup_parent, self.sandbox_id))
-        manager.remove_pod_cgroups(self.cgroup_parent, self.cgroup_created)
+        manager.remove_pod_cgroups(self.sandbox_id, self.cgroup_parent, self.cgroup_created)
         self.cgroup_parent, self.cgroup_created = "", ()
 
     def drop_shm(self) -> None:

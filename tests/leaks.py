@@ -16,7 +16,8 @@ import os
 import time
 from dataclasses import dataclass, fields
 
-from conftest import Daemon, nsfs_mounts_under, reap_our_zombies
+from cgrouptools import cgroups_under
+from conftest import Daemon, mounts_under, reap_our_zombies
 
 from shim._proto import api_pb2
 
@@ -28,7 +29,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 @dataclass(frozen=True)
 class DaemonState:
     pauses: frozenset[int]
-    mounts: tuple[str, ...]
+    mounts: tuple[str, ...]  # pins (nsfs) and each pod's /dev/shm (tmpfs)
+    cgroups: frozenset[str]  # under the daemon's --cgroup-root, in every hierarchy
     records: frozenset[str]
     run_dirs: frozenset[str]
     netns_pins: frozenset[str]
@@ -93,7 +95,8 @@ def daemon_state(d: Daemon) -> DaemonState:
     listed = d.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
     return DaemonState(
         pauses=our_pauses(),
-        mounts=tuple(sorted(nsfs_mounts_under(d.base))),
+        mounts=tuple(sorted(point for point, _ in mounts_under(d.base))),
+        cgroups=frozenset(c for c in cgroups_under(d.cgroup_root) if not c.endswith(d.cgroup_root)),
         records=_names(d.root / "sandboxes"),
         run_dirs=_names(d.run_root / "sandboxes"),
         netns_pins=_names(d.netns_dir),

@@ -32,9 +32,9 @@ from shim._proto import api_pb2
 
 pytestmark = pytest.mark.root
 
-STEPS = ("mkdir", "spawn", "pin", "network", "save", "commit")
+STEPS = ("mkdir", "cgroup", "spawn", "pin", "shm", "network", "save", "commit")
 NETWORKS = ("pod", "host")
-UNDOS = ("close_netlink", "kill_pause", "unpin", "network", "delete_record")
+UNDOS = ("cgroup", "close_netlink", "kill_pause", "unpin", "shm", "network", "delete_record")
 _next_port = itertools.cycle(range(31000, 32000))  # each case frees its port again
 _CLONE_NEWNET = 0x40000000
 
@@ -66,11 +66,15 @@ def registered_undos(step: str, pod: Pod) -> list[str]:
     (the rollback runs them newest first). Mirrors RunPodSandbox's order of work."""
     done = STEPS[: STEPS.index(step) + 1]
     undos = []
+    if "cgroup" in done:
+        undos.append("cgroup")
     if "spawn" in done:
         undos += ["close_netlink"] if pod.network == "pod" else []
         undos.append("kill_pause")
     if "pin" in done and pod.pins():
         undos.append("unpin")
+    if "shm" in done and pod.ipc == api_pb2.POD:
+        undos.append("shm")
     if "network" in done and pod.network == "pod":
         undos.append("network")
     if "commit" in done:
@@ -191,7 +195,7 @@ def test_fault_at_every_step_leaves_nothing(faulty: Daemon, step: str, mode: str
 
 # ---- every undo that can run, failing ----------------------------------------------------------
 
-_NODE_PIECES = ("pauses", "mounts", "netns_pins", "veths", "addresses", "host_ports")
+_NODE_PIECES = ("pauses", "mounts", "cgroups", "netns_pins", "veths", "addresses", "host_ports")
 _UNDO_CASES = [
     (step, undo, network)
     for network in NETWORKS
@@ -204,7 +208,8 @@ def expected_remains(step: str, undo: str, network: str) -> set[str]:
     """What a failed undo leaves on the node, beyond the NOTREADY record and its run dir."""
     veth = network == "pod" and STEPS.index(step) >= STEPS.index("network")
     if undo == "kill_pause":
-        return {"pauses", "veths"} if veth else {"pauses"}  # a live pause keeps its namespaces
+        # The cgroup undo that follows ends what is still in the pause's cgroup: the pause too.
+        return set()
     if undo == "unpin":
         pieces = {"mounts"}
         if network == "pod":
@@ -212,6 +217,10 @@ def expected_remains(step: str, undo: str, network: str) -> set[str]:
         return pieces | {"veths"} if veth else pieces  # so does a pinned namespace
     if undo == "network":
         return {"addresses", "host_ports"}
+    if undo == "cgroup":
+        return {"cgroups"}  # the pod's cgroup and the pause's, made for it
+    if undo == "shm":
+        return {"mounts"}  # the pod's /dev/shm tmpfs
     return set()  # close_netlink: a socket, closed once its last reference goes; delete_record
 
 
@@ -263,6 +272,8 @@ def test_failed_undo_keeps_a_notready_sandbox_that_stop_and_remove_finish(
         before,
         records=remains.records,
         run_dirs=remains.run_dirs,
+        # Stop removes the pause's cgroup; the pod's own goes with Remove.
+        cgroups=frozenset(c for c in remains.cgroups if not c.endswith(f"/pyshim-{pod.id}")),
         listed=((pod.id, api_pb2.SANDBOX_NOTREADY), *before.listed),
     )
     assert_state(d, stopped, f"after stopping the remains of a failed undo:{undo}")
