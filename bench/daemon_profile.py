@@ -21,6 +21,7 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -172,6 +173,7 @@ def summarise(path: Path) -> None:
 
 def main() -> int:
     if sys.argv[1] == "--summary":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
         summarise(Path(sys.argv[2]))
         return 0
     out = Path(sys.argv[1])
