@@ -138,28 +138,33 @@ NAMED: tuple[tuple[str, str, Callable[..., str]], ...] = (
 )
 
 
+def _find(module_name: str, path: str) -> tuple[Any, str] | None:
+    """(owner, attribute) of module_name's `path` ("Class.method" or "function"), or None
+    (with a line on stderr) if the code no longer has it."""
+    owner: Any = importlib.import_module(module_name)
+    *parents, attribute = path.split(".")
+    try:
+        for part in parents:
+            owner = getattr(owner, part)
+        getattr(owner, attribute)
+    except AttributeError:
+        print(f"daemon_profile: {module_name}.{path} is gone, not timed", file=sys.stderr)
+        return None
+    return owner, attribute
+
+
 def install() -> None:
     # os-level calls every module reaches through `os.`: fsync and posix_spawn (pause, conmon).
     for name in ("fsync", "posix_spawn"):
         setattr(os, name, timer(f"os.{name}", getattr(os, name)))
     for module_name, path in STEPS:
-        module = importlib.import_module(module_name)
-        owner: Any = module
-        *parents, attribute = path.split(".")
-        try:
-            for part in parents:
-                owner = getattr(owner, part)
-            original = getattr(owner, attribute)
-        except AttributeError:
-            print(f"daemon_profile: {module_name}.{path} is gone, not timed", file=sys.stderr)
-            continue
-        setattr(owner, attribute, timer(path, original))
+        found = _find(module_name, path)
+        if found is not None:
+            setattr(found[0], found[1], timer(path, getattr(*found)))
     for module_name, path, namer in NAMED:
-        owner = importlib.import_module(module_name)
-        *parents, attribute = path.split(".")
-        for part in parents:
-            owner = getattr(owner, part)
-        setattr(owner, attribute, named_timer(getattr(owner, attribute), namer))
+        found = _find(module_name, path)
+        if found is not None:
+            setattr(found[0], found[1], named_timer(getattr(*found), namer))
 
 
 def summarise(path: Path) -> None:
