@@ -9,57 +9,46 @@ Phases, for host-network pods and pods on the built-in pod network:
   2. concurrent lifecycles (--inflight at once): pods per second
   3. N pods held alive (each --alive value): ListPodSandbox latency, daemon RSS,
      memory per pod (daemon PSS growth + pause PSS)
+Then a burst of large requests (--burst at once, --burst-rounds times): RunPodSandbox
+requests just under the largest one the daemon accepts (MAX_REQUEST in shim/server.py,
+refused by validation: configs are capped at 2 MiB), then as many of 16 MiB (refused by
+the transport); the daemon's RSS before, its peak during the burst, 2 s and 10 s after.
 Latencies are wall-clock per call as a client sees them. Medians are what to quote.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+from harness import (
+    Stub,
+    add_up,
+    connect,
+    launcher,
+    parallel,
+    pod_config,
+    reset_peak,
+    smaps,
+    status_kib,
+    summary,
+    timed,
+)
 
-from shim._proto import api_pb2, api_pb2_grpc
+from shim._proto import api_pb2
+from shim.server import MAX_REQUEST
 
-Stub = api_pb2_grpc.RuntimeServiceStub
-BENCH_BRIDGE = "psbench0"
-BENCH_TABLE = "pyshim_bench"
-
-
-def pod_config(host_network: bool, prefix: str, n: int) -> api_pb2.PodSandboxConfig:
-    mode = api_pb2.NODE if host_network else api_pb2.POD
-    return api_pb2.PodSandboxConfig(
-        metadata=api_pb2.PodSandboxMetadata(name=f"{prefix}-{n}", namespace="bench", uid=f"{prefix}-uid-{n}"),
-        hostname="" if host_network else f"{prefix}-{n}",
-        labels={"bench": prefix, "io.kubernetes.pod.name": f"{prefix}-{n}"},
-        annotations={"bench/n": str(n)},
-        linux=api_pb2.LinuxPodSandboxConfig(
-            security_context=api_pb2.LinuxSandboxSecurityContext(
-                namespace_options=api_pb2.NamespaceOption(
-                    network=mode, pid=api_pb2.CONTAINER, ipc=api_pb2.POD
-                )
-            )
-        ),
-    )
-
-
-def timed(samples: dict[str, list[float]], name: str, call: Callable[[], Any]) -> Any:
-    start = time.perf_counter()
-    result = call()
-    samples.setdefault(name, []).append((time.perf_counter() - start) * 1000)
-    return result
+OVERSIZED = 16 * 1024 * 1024
 
 
 def lifecycle(stub: Stub, config: api_pb2.PodSandboxConfig, samples: dict[str, list[float]]) -> None:
@@ -87,40 +76,13 @@ def lifecycle(stub: Stub, config: api_pb2.PodSandboxConfig, samples: dict[str, l
     samples.setdefault("Stop+Remove", []).append((time.perf_counter() - t0) * 1000)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    return {
-        name: {
-            "n": len(v),
-            "p50": pct(v, 50),
-            "p95": pct(v, 95),
-            "p99": pct(v, 99),
-            "mean": statistics.fmean(v),
-        }
-        for name, v in samples.items()
-    }
-
-
 def sequential(stub: Stub, host_network: bool, count: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {}
     prefix = f"seq{secrets.token_hex(3)}"
     start = time.perf_counter()
     for n in range(count):
         lifecycle(stub, pod_config(host_network, prefix, n), samples)
-    samples["lifecycle"] = [
-        sum(x)
-        for x in zip(
-            *(
-                samples[k]
-                for k in ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbox")
-            ),
-            strict=True,
-        )
-    ]
+    add_up(samples, "lifecycle", ("RunPodSandbox", "PodSandboxStatus", "StopPodSandbox", "RemovePodSandbox"))
     return {"calls": summary(samples), "pods_per_s": count / (time.perf_counter() - start)}
 
 
@@ -137,36 +99,23 @@ def concurrent(stub: Stub, host_network: bool, count: int, inflight: int) -> dic
                 samples.setdefault(k, []).extend(v)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=inflight) as pool:
-        list(pool.map(one, range(count)))
+    parallel(one, range(count), inflight)
     elapsed = time.perf_counter() - start
     return {"inflight": inflight, "pods_per_s": count / elapsed, "calls": summary(samples)}
-
-
-def smaps(pid: int) -> dict[str, int]:
-    """Rss and Pss in KiB from /proc/PID/smaps_rollup."""
-    out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            out[key] = int(rest.split()[0])
-    return out
 
 
 def held(stub: Stub, host_network: bool, alive: int, daemon_pid: int | None, inflight: int) -> dict[str, Any]:
     prefix = f"held{secrets.token_hex(3)}"
     before = smaps(daemon_pid) if daemon_pid else None
-    with ThreadPoolExecutor(max_workers=inflight) as pool:
-        ids = list(
-            pool.map(
-                lambda n: (
-                    stub.RunPodSandbox(
-                        api_pb2.RunPodSandboxRequest(config=pod_config(host_network, prefix, n))
-                    ).pod_sandbox_id
-                ),
-                range(alive),
-            )
-        )
+    ids = parallel(
+        lambda n: (
+            stub.RunPodSandbox(
+                api_pb2.RunPodSandboxRequest(config=pod_config(host_network, prefix, n))
+            ).pod_sandbox_id
+        ),
+        range(alive),
+        inflight,
+    )
     try:
         time.sleep(0.5)
         result: dict[str, Any] = {"alive": alive}
@@ -204,50 +153,75 @@ def held(stub: Stub, host_network: bool, alive: int, daemon_pid: int | None, inf
                 result["memory_per_pod_kib"] = result["daemon_growth_per_pod_kib"] + result["pause_pss_kib"]
         return result
     finally:
-        with ThreadPoolExecutor(max_workers=inflight) as pool:
-            list(
-                pool.map(
-                    lambda i: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=i)), ids
-                )
-            )
+        parallel(
+            lambda i: stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=i)), ids, inflight
+        )
 
 
-def spawn_daemon(workdir: Path) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable,
-        "-m",
-        "shim",
-        "serve",
-        "--socket",
-        str(workdir / "s.sock"),
-        "--root",
-        str(workdir / "root"),
-        "--run-root",
-        str(workdir / "run"),
-        "--netns-dir",
-        str(workdir / "netns"),
-        "--log-level",
-        "warning",
-        # A network of its own, removed afterwards; node-wide forwarding left alone.
-        "--bridge-name",
-        BENCH_BRIDGE,
-        "--nft-table",
-        BENCH_TABLE,
-        "--pod-subnet",
-        "10.89.0.0/16",
-        "--no-ip-forward",
-    ]
-    with open(workdir / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 30
-    while not (workdir / "s.sock").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"daemon did not start: {(workdir / 'daemon.log').read_text()}")
-        time.sleep(0.05)
-    return proc
+def big_request(size: int) -> bytes:
+    """A serialised RunPodSandboxRequest of exactly `size` bytes (its bulk in annotations)."""
+    config = pod_config(False, "burst", 0)
+    fill = max(0, size - 1024)
+    for _ in range(5):  # the length prefixes grow with the value: converge on `size`
+        config.annotations["bench/fill"] = "x" * fill
+        data: bytes = api_pb2.RunPodSandboxRequest(config=config).SerializeToString()
+        if len(data) == size:
+            return data
+        fill += size - len(data)
+    raise AssertionError(f"cannot make a request of {size} bytes")
+
+
+def burst_round(channel: grpc.Channel, daemon_pid: int, payload: bytes, count: int) -> dict[str, Any]:
+    """`count` copies of `payload` sent at once; the daemon's RSS before, at its peak, 2 s and 10 s after."""
+    # No serialiser: the same bytes go out on every call, the client holds them once.
+    send = channel.unary_unary("/runtime.v1.RuntimeService/RunPodSandbox")
+
+    def one(_: int) -> str:
+        try:
+            send(payload, timeout=120)
+            return "OK"
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+
+    before = status_kib(daemon_pid, "VmRSS")
+    reset_peak(daemon_pid)
+    start = time.perf_counter()
+    codes = collections.Counter(parallel(one, range(count), count))
+    elapsed = time.perf_counter() - start
+    peak = status_kib(daemon_pid, "VmHWM")
+    time.sleep(2.0)
+    after_2s = status_kib(daemon_pid, "VmRSS")
+    time.sleep(8.0)
+    return {
+        "request_bytes": len(payload),
+        "requests": count,
+        "answers": dict(codes),
+        "seconds": elapsed,
+        "rss_before_mib": before / 1024,
+        "rss_peak_mib": peak / 1024,
+        "rss_after_2s_mib": after_2s / 1024,
+        "rss_after_10s_mib": status_kib(daemon_pid, "VmRSS") / 1024,
+    }
+
+
+def burst(channel: grpc.Channel, daemon_pid: int, count: int, rounds: int) -> list[dict[str, Any]]:
+    largest = big_request(MAX_REQUEST - 64)  # passes the transport; validation refuses it
+    oversized = big_request(OVERSIZED)  # refused by the transport
+    results = []
+    for n in range(rounds):
+        for kind, payload in (("just under the limit", largest), ("16 MiB, over the limit", oversized)):
+            results.append({"round": n + 1, "kind": kind, **burst_round(channel, daemon_pid, payload, count)})
+    return results
 
 
 def print_report(report: dict[str, Any]) -> None:
+    for b in report.get("burst", []):
+        print(
+            f"burst {b['round']}, {b['requests']} x {b['request_bytes'] / 2**20:.2f} MiB ({b['kind']}): "
+            f"{b['answers']} in {b['seconds']:.2f} s; daemon RSS {b['rss_before_mib']:.0f} MiB before, "
+            f"peak {b['rss_peak_mib']:.0f} MiB, {b['rss_after_2s_mib']:.0f} MiB 2 s after, "
+            f"{b['rss_after_10s_mib']:.0f} MiB 10 s after"
+        )
     for mode, phases in report["modes"].items():
         print(f"\n== {mode}")
         seq = phases["sequential"]
@@ -285,30 +259,26 @@ def main() -> int:
     parser.add_argument(
         "--alive", type=int, action="append", help="pods held alive for list/memory (repeatable)"
     )
-    parser.add_argument("--mode", choices=["host", "netns", "both"], default="both")
+    parser.add_argument("--mode", choices=["host", "netns", "both", "none"], default="both")
+    parser.add_argument("--burst", type=int, default=64, help="large requests at once (0: no burst)")
+    parser.add_argument("--burst-rounds", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="time the private daemon's steps (bench/daemon_profile.py) into this JSON",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     opts = parser.parse_args()
     alive = opts.alive or [100, 1000]
 
-    tmp = None
-    proc = None
-    socket_path = opts.socket
-    daemon_pid = opts.daemon_pid
-    if socket_path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pyshim-bench-")
-        proc = spawn_daemon(Path(tmp.name))
-        socket_path, daemon_pid = Path(tmp.name) / "s.sock", proc.pid
-    channel = grpc.insecure_channel(f"unix://{socket_path}")
-    stub = Stub(channel)
-    version = stub.Version(api_pb2.VersionRequest())
-    report: dict[str, Any] = {
-        "runtime": f"{version.runtime_name} {version.runtime_version}",
-        "argv": sys.argv,
-        "nproc": os.cpu_count(),
-        "modes": {},
-    }
-    try:
-        modes = {"host": [True], "netns": [False], "both": [True, False]}[opts.mode]
+    report: dict[str, Any] = {"argv": sys.argv, "nproc": os.cpu_count(), "modes": {}}
+    with connect(
+        opts.socket, opts.daemon_pid, None, "10.89.0.0/16", launcher=launcher(opts.profile)
+    ) as target:
+        stub = Stub(target.channel)
+        version = stub.Version(api_pb2.VersionRequest())
+        report["runtime"] = f"{version.runtime_name} {version.runtime_version}"
+        modes = {"host": [True], "netns": [False], "both": [True, False], "none": []}[opts.mode]
         for host_network in modes:
             name = "host network" if host_network else "pod network (bridge, veth, IP)"
             for n in range(20):  # warm-up: imports, thread pools, page cache
@@ -316,20 +286,14 @@ def main() -> int:
             report["modes"][name] = {
                 "sequential": sequential(stub, host_network, opts.pods),
                 "concurrent": concurrent(stub, host_network, opts.pods, opts.inflight),
-                "held": [held(stub, host_network, a, daemon_pid, opts.inflight) for a in alive],
+                "held": [held(stub, host_network, a, target.pid, opts.inflight) for a in alive],
             }
-    finally:
-        channel.close()
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-            subprocess.run(["ip", "link", "del", BENCH_BRIDGE], capture_output=True, check=False)
-            subprocess.run(["nft", "delete", "table", "ip", BENCH_TABLE], capture_output=True, check=False)
-        if tmp is not None:
-            tmp.cleanup()
+        if opts.burst and target.pid:
+            report["burst"] = burst(target.channel, target.pid, opts.burst, opts.burst_rounds)
     print(f"runtime: {report['runtime']}  cpus: {report['nproc']}")
     print_report(report)
     if opts.json:
+        opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps(report, indent=2))
     return 0
 
