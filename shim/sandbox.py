@@ -25,7 +25,7 @@ from typing import Protocol
 from shim import mounts, namespaces
 from shim.cgroups import CgroupBusy, Cgroups, Limits
 from shim.config import Config
-from shim.errors import AlreadyExists, Internal, ShimError
+from shim.errors import AlreadyExists, Internal, InvalidArgument, ShimError
 from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
@@ -229,7 +229,10 @@ class SandboxManager:
             durable=False,
         )
         if not existed and spec.limits != Limits():
-            self.cgroups.set_limits(parent, spec.limits)
+            try:
+                self.cgroups.set_limits(parent, spec.limits)
+            except Internal as exc:  # values the kernel refuses (CPUs this node lacks...)
+                raise InvalidArgument(f"the pod's resources cannot be set on its cgroup: {exc}") from None
 
     def remove_pod_cgroups(self, sandbox_id: str, parent: str, created: tuple[str, ...]) -> None:
         """Remove the pause's cgroup and what pyshim made for the pod's: the pod's own

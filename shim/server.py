@@ -441,7 +441,7 @@ class RuntimeService:
         self, request: api_pb2.UpdateContainerResourcesRequest, context: grpc.ServicerContext
     ) -> api_pb2.UpdateContainerResourcesResponse:
         container_id = validate.id_prefix(request.container_id, "container id")
-        container_validate.resources(request.linux, "linux")
+        validate.resources(request.linux, "linux")
         self.containers.update_resources(container_id, request.linux)
         return api_pb2.UpdateContainerResourcesResponse()
 

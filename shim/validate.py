@@ -49,7 +49,11 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-
 _ID_PREFIX = re.compile(r"[0-9a-f]{1,64}")
 _CGROUP_NAME = re.compile(r"[A-Za-z0-9_.:@=+-]{1,255}")
 MAX_CGROUP_PATH = 1024
-_CPUSET = re.compile(r"(|[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?){0,255})")
+_CPUSET = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*")
+_PAGE_SIZE = re.compile(r"[1-9][0-9]{0,5}(KB|MB|GB|TB|PB)")
+_UNIFIED_KEY = re.compile(r"[a-z][a-z0-9_]*\.[a-z0-9_.]+")
+MAX_HUGEPAGE_LIMITS = 16
+MAX_UNIFIED = 64
 _SYSCTL = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 # Namespaced sysctls (the pod's net, ipc namespaces); anything else would change the node.
 _NAMESPACED_SYSCTLS = re.compile(r"net\..+|kernel\.shm.+|kernel\.msg.+|kernel\.sem|fs\.mqueue\..+")
@@ -314,27 +318,22 @@ def cgroup_path(value: str, what: str) -> str:
     """A cgroupfs path from a request: absolute, plain names, no '..'; "" stays ""."""
     if not value:
         return ""
-    parts = value.split("/")
+    parts = [p for p in value.split("/") if p]
     _check(
         value.startswith("/")
         and len(value) <= MAX_CGROUP_PATH
-        and all(_CGROUP_NAME.fullmatch(p) and p not in (".", "..") for p in parts[1:] if p),
+        and bool(parts)  # the root itself: no pod's cgroup
+        and all(_CGROUP_NAME.fullmatch(p) and p not in (".", "..") for p in parts),
         f"{what} {value[:80]!r} must be an absolute cgroupfs path of plain names (e.g. /kubepods/pod<uid>)",
     )
-    return "/" + "/".join(p for p in parts if p)
+    return "/" + "/".join(parts)
 
 
 def _pod_limits(linux: api_pb2.LinuxPodSandboxConfig) -> Limits:
     """What kubelet would set on the pod cgroup: the pod's resources plus its overhead."""
     res, extra = linux.resources, linux.overhead
-    for r, name in ((res, "resources"), (extra, "overhead")):
-        for field_name in ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_in_bytes"):
-            _check(getattr(r, field_name) >= 0, f"linux.{name}.{field_name} must not be negative")
-        for field_name in ("cpuset_cpus", "cpuset_mems"):
-            _check(
-                bool(_CPUSET.fullmatch(getattr(r, field_name))),
-                f"linux.{name}.{field_name} {getattr(r, field_name)[:80]!r} is not a list like 0-3,6",
-            )
+    resources(res, "config.linux.resources")
+    resources(extra, "config.linux.overhead")
     period = res.cpu_period or extra.cpu_period
     return Limits(
         cpu_shares=res.cpu_shares + extra.cpu_shares,
@@ -346,3 +345,67 @@ def _pod_limits(linux: api_pb2.LinuxPodSandboxConfig) -> Limits:
         cpuset_cpus=res.cpuset_cpus,
         cpuset_mems=res.cpuset_mems,
     )
+
+
+def resources(res: api_pb2.LinuxContainerResources, where: str) -> None:
+    """LinuxContainerResources (a container's, or a pod's resources and overhead): values
+    a cgroup takes, so that the kernel never refuses one as the daemon's fault."""
+    _check(
+        res.cpu_period == 0 or 1000 <= res.cpu_period <= 1_000_000,
+        f"{where}.cpu_period {res.cpu_period} is not 0 or 1000-1000000 (microseconds)",
+    )
+    _check(
+        res.cpu_quota in (0, -1) or res.cpu_quota >= 1000,
+        f"{where}.cpu_quota {res.cpu_quota} is not 0, -1 or at least 1000 (microseconds)",
+    )
+    _check(
+        res.cpu_shares == 0 or 2 <= res.cpu_shares <= 262144,
+        f"{where}.cpu_shares {res.cpu_shares} is not 0 or 2-262144",
+    )
+    _check(res.memory_limit_in_bytes >= 0, f"{where}.memory_limit_in_bytes must not be negative")
+    swap = res.memory_swap_limit_in_bytes
+    _check(swap >= -1, f"{where}.memory_swap_limit_in_bytes must be -1 (unlimited), 0 or a size")
+    _check(
+        swap <= 0 or res.memory_limit_in_bytes == 0 or swap >= res.memory_limit_in_bytes,
+        f"{where}.memory_swap_limit_in_bytes (memory plus swap) is below memory_limit_in_bytes",
+    )
+    _check(-1000 <= res.oom_score_adj <= 1000, f"{where}.oom_score_adj {res.oom_score_adj} is not -1000-1000")
+    for field_name, value in (("cpuset_cpus", res.cpuset_cpus), ("cpuset_mems", res.cpuset_mems)):
+        _check(
+            not value or _cpuset_ok(value), f"{where}.{field_name} {_show(value)} is not a list like 0-3,8"
+        )
+    _check(
+        len(res.hugepage_limits) <= MAX_HUGEPAGE_LIMITS,
+        f"{len(res.hugepage_limits)} hugepage limits, the limit is {MAX_HUGEPAGE_LIMITS}",
+    )
+    sizes = [h.page_size for h in res.hugepage_limits]
+    for size in sizes:
+        _check(
+            bool(_PAGE_SIZE.fullmatch(size)), f"{where}: hugepage size {_show(size)} is not like 2MB or 1GB"
+        )
+    _check(len(set(sizes)) == len(sizes), f"{where}: a hugepage size is limited twice")
+    _check(len(res.unified) <= MAX_UNIFIED, f"{len(res.unified)} unified keys, the limit is {MAX_UNIFIED}")
+    for key, value in res.unified.items():
+        _check(
+            len(key) <= 64 and bool(_UNIFIED_KEY.fullmatch(key)),
+            f"{where}.unified: {_show(key)} is not a cgroup file name like memory.high",
+        )
+        _check(
+            len(value) <= 4096 and value.isprintable(),
+            f"{where}.unified[{key}]: the value must be one printable line of at most 4096 bytes",
+        )
+
+
+def _cpuset_ok(value: str) -> bool:
+    if len(value) > 4096 or not _CPUSET.fullmatch(value):
+        return False
+    for part in value.split(","):
+        low, _, high = part.partition("-")
+        if high and int(high) < int(low):
+            return False
+    return True
+
+
+def _show(value: str) -> str:
+    """A request string in a message: quoted, escaped, cut short."""
+    return repr(value[:80])

@@ -25,6 +25,8 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from shim._proto import api_pb2
+from shim.errors import InvalidArgument
+from shim.validate import resources
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -436,7 +438,8 @@ _FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "annotations": (_ANNOTATIONS, _HOSTILE_ANNOTATIONS),
     "dns": (_DNS, _HOSTILE_DNS),
     "ports": (st.nothing(), _HOSTILE_PORTS),  # valid ones depend on the existing pods
-    "cgroup_parent": (st.sampled_from(["", "/kubepods/burstable/pod1"]), hostile_text),
+    # Only ever under a test prefix: a valid parent is made on the node's real cgroupfs.
+    "cgroup_parent": (st.sampled_from(["", "/pyshim-test-fuzz/burstable/pod1"]), hostile_text),
     "network": (_HOST_MODES, st.one_of(st.sampled_from([api_pb2.CONTAINER, api_pb2.TARGET]), _UNDEFINED)),
     "pid": (
         st.sampled_from([api_pb2.POD, api_pb2.CONTAINER, api_pb2.NODE]),
@@ -548,6 +551,7 @@ _UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 _SYSCTL = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 _DNS = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9_.:@=+-]{1,255}")
 
 
 @dataclass
@@ -632,6 +636,24 @@ def verdict(request: api_pb2.RunPodSandboxRequest, handlers: Sequence[str] = ("r
             v.kernel_decides = True
     if c.ByteSize() > 2 * MiB:
         bad("config size")
+    parent = c.linux.cgroup_parent
+    names = [p for p in parent.split("/") if p]
+    if parent and not (
+        parent.startswith("/")
+        and len(parent) <= 1024
+        and names
+        and all(_CGROUP_NAME.fullmatch(p) and p not in (".", "..") for p in names)
+    ):
+        bad("cgroup_parent")
+    for what, res in (("resources", c.linux.resources), ("overhead", c.linux.overhead)):
+        try:
+            # The same ranges as a container's (unit-tested there); limits the kernel may
+            # still refuse (CPUs this node lacks) are its call.
+            resources(res, what)
+        except InvalidArgument:
+            bad(what)
+        if res.ByteSize() and not parent:
+            v.kernel_decides = True
     dns = c.dns_config
     if len(dns.servers) > 3 or len(dns.searches) > 32 or len(dns.options) > 16:
         bad("dns counts")

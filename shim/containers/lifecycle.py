@@ -692,8 +692,10 @@ def _node_hostname(pod: SandboxRecord) -> str:
 def _started(record: ContainerRecord, now: int) -> ContainerRecord:
     if record.state is ContainerState.CREATED:
         return replace(record, state=ContainerState.RUNNING, started_at=now)
-    # It exited before Start could say it runs: keep EXITED, but it did start.
-    return replace(record, started_at=record.started_at or now)
+    # It exited before Start could say it runs: keep EXITED, but it did start, and not
+    # after it finished (the exit file's time comes from the kernel's coarse clock).
+    started = record.started_at or now
+    return replace(record, started_at=min(started, record.finished_at or started))
 
 
 def _exited(record: ContainerRecord, found: Exit, reason: str, message: str) -> ContainerRecord:
@@ -703,7 +705,8 @@ def _exited(record: ContainerRecord, found: Exit, reason: str, message: str) -> 
         record,
         state=ContainerState.EXITED,
         exit_code=found.code,
-        finished_at=found.finished_at,
+        # File times come from the kernel's coarse clock: never before the start.
+        finished_at=max(found.finished_at, record.started_at),
         reason=reason,
         message=message,
     )

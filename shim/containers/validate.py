@@ -26,6 +26,7 @@ from shim.validate import (
     MAX_LABELS,
     MAX_NAME,
     id_prefix,
+    resources,
 )
 
 MAX_PATH = 4096  # PATH_MAX
@@ -39,8 +40,6 @@ MAX_CAPABILITIES = 128  # entries in each of add, drop, ambient
 MAX_GROUPS = 1024
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
 MAX_PATH_LIST = 256  # masked or read-only paths
-MAX_HUGEPAGE_LIMITS = 16
-MAX_UNIFIED = 64
 MAX_PROFILE_NAME = 256
 
 # Letters, digits, '.', '-', like pod names (kubelet's container names are DNS labels;
@@ -48,9 +47,6 @@ MAX_PROFILE_NAME = 256
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _IMAGE = re.compile(r"[!-~]+")  # printable ASCII, no space: references and ids are that
 _PERMISSIONS = re.compile(r"(?!.*(.).*\1)[rwm]{0,3}")  # a subset of "rwm", no repeats
-_CPUSET = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*")
-_PAGE_SIZE = re.compile(r"[1-9][0-9]{0,5}(KB|MB|GB|TB|PB)")
-_UNIFIED_KEY = re.compile(r"[a-z][a-z0-9_]*\.[a-z0-9_.]+")
 _USERNAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,255}\$?")
 _PROFILE_NAME = re.compile(r"[!-~]{1,256}")  # an AppArmor profile name: no space or control
 _OLD_SECCOMP = ("runtime/default", "docker/default", "unconfined")
@@ -91,7 +87,7 @@ def container_spec(request: api_pb2.CreateContainerRequest) -> ContainerSpec:
         config.stop_signal in api_pb2.Signal.values(),
         f"config.stop_signal {config.stop_signal} is not a defined signal",
     )
-    resources(config.linux.resources)
+    resources(config.linux.resources, "config.linux.resources")
     _security(config.linux.security_context)
     size = config.ByteSize()
     _check(size <= MAX_CONFIG_BYTES, f"config is {size} bytes, the limit is {MAX_CONFIG_BYTES}")
@@ -267,63 +263,6 @@ def command(cmd: Sequence[str], what: str) -> list[str]:
         total += size
     _check(total <= MAX_ARGV_ENV_BYTES, f"{what} takes {total} bytes, the limit is {MAX_ARGV_ENV_BYTES}")
     return list(cmd)
-
-
-def resources(res: api_pb2.LinuxContainerResources, where: str = "config.linux.resources") -> None:
-    _check(
-        res.cpu_period == 0 or 1000 <= res.cpu_period <= 1_000_000,
-        f"{where}.cpu_period {res.cpu_period} is not 0 or 1000-1000000 (microseconds)",
-    )
-    _check(
-        res.cpu_quota in (0, -1) or res.cpu_quota >= 1000,
-        f"{where}.cpu_quota {res.cpu_quota} is not 0, -1 or at least 1000 (microseconds)",
-    )
-    _check(
-        res.cpu_shares == 0 or 2 <= res.cpu_shares <= 262144,
-        f"{where}.cpu_shares {res.cpu_shares} is not 0 or 2-262144",
-    )
-    _check(res.memory_limit_in_bytes >= 0, f"{where}.memory_limit_in_bytes must not be negative")
-    swap = res.memory_swap_limit_in_bytes
-    _check(swap >= -1, f"{where}.memory_swap_limit_in_bytes must be -1 (unlimited), 0 or a size")
-    _check(
-        swap <= 0 or res.memory_limit_in_bytes == 0 or swap >= res.memory_limit_in_bytes,
-        f"{where}.memory_swap_limit_in_bytes (memory plus swap) is below memory_limit_in_bytes",
-    )
-    _check(-1000 <= res.oom_score_adj <= 1000, f"{where}.oom_score_adj {res.oom_score_adj} is not -1000-1000")
-    for field_name, value in (("cpuset_cpus", res.cpuset_cpus), ("cpuset_mems", res.cpuset_mems)):
-        _check(
-            not value or _cpuset_ok(value), f"{where}.{field_name} {_show(value)} is not a list like 0-3,8"
-        )
-    _check(
-        len(res.hugepage_limits) <= MAX_HUGEPAGE_LIMITS,
-        f"{len(res.hugepage_limits)} hugepage limits, the limit is {MAX_HUGEPAGE_LIMITS}",
-    )
-    sizes = [h.page_size for h in res.hugepage_limits]
-    for size in sizes:
-        _check(
-            bool(_PAGE_SIZE.fullmatch(size)), f"{where}: hugepage size {_show(size)} is not like 2MB or 1GB"
-        )
-    _check(len(set(sizes)) == len(sizes), f"{where}: a hugepage size is limited twice")
-    _check(len(res.unified) <= MAX_UNIFIED, f"{len(res.unified)} unified keys, the limit is {MAX_UNIFIED}")
-    for key, value in res.unified.items():
-        _check(
-            len(key) <= 64 and bool(_UNIFIED_KEY.fullmatch(key)),
-            f"{where}.unified: {_show(key)} is not a cgroup file name like memory.high",
-        )
-        _check(
-            len(value) <= 4096 and value.isprintable(),
-            f"{where}.unified[{key}]: the value must be one printable line of at most 4096 bytes",
-        )
-
-
-def _cpuset_ok(value: str) -> bool:
-    if len(value) > 4096 or not _CPUSET.fullmatch(value):
-        return False
-    for part in value.split(","):
-        low, _, high = part.partition("-")
-        if high and int(high) < int(low):
-            return False
-    return True
 
 
 def _security(sc: api_pb2.LinuxContainerSecurityContext) -> None:

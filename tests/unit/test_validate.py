@@ -156,10 +156,12 @@ def test_annotations_are_counted_in_utf8_bytes() -> None:
 def test_config_size_limit() -> None:
     # A field nothing else checks: only the size limit stops it.
     big = request()
-    big.config.linux.cgroup_parent = "x" * MAX_CONFIG_BYTES
+    big.config.linux.security_context.selinux_options.user = "x" * MAX_CONFIG_BYTES
     refused(big, "the limit is 2097152")
     fits = request()
-    fits.config.linux.cgroup_parent = "x" * (MAX_CONFIG_BYTES - fits.config.ByteSize() - 8)
+    fits.config.linux.security_context.selinux_options.user = "x" * (
+        MAX_CONFIG_BYTES - fits.config.ByteSize() - 16
+    )
     assert fits.config.ByteSize() <= MAX_CONFIG_BYTES and sandbox_spec(fits, HANDLERS)
 
 
