@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ ARENA_MAX = 2
 LARGE_REQUEST = 256 * 1024
 # Trims are batched: a burst costs one, shortly after it ends.
 _TRIM_DELAY = 0.5
+# Without large decoded requests, a trim when resident memory grew this much in a check interval.
+_CHECK_INTERVAL = 5.0
+_GROWTH = 16 * 1024 * 1024
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _pending = threading.Event()
@@ -46,10 +51,22 @@ def note_request(size: int) -> None:
 
 
 def _trimmer() -> None:
+    baseline = _rss()
     while True:
-        _pending.wait()
-        # Wait for the burst to end: requests still arriving set the flag again.
-        while _pending.wait(_TRIM_DELAY):
-            _pending.clear()
-            threading.Event().wait(_TRIM_DELAY)
+        if _pending.wait(_CHECK_INTERVAL):
+            # Wait for the burst to end: requests still arriving set the flag again.
+            while _pending.wait(_TRIM_DELAY):
+                _pending.clear()
+                threading.Event().wait(_TRIM_DELAY)
+        elif _rss() - baseline < _GROWTH:
+            # Requests the transport refused (too large) are never decoded, so they never
+            # set the flag: growth since the last trim is what tells of them.
+            continue
         _libc.malloc_trim(0)
+        baseline = _rss()
+
+
+def _rss() -> int:
+    """Resident bytes of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
