@@ -1,8 +1,9 @@
-"""Builds the native pause program when the package is built or installed.
+"""Builds the native programs when the package is built or installed.
 
-The pause is compiled from ``shim/pause/pause.c`` into an executable named
-``pyshim-pause`` inside the installed ``shim.pause`` package (and, for an
-editable install, next to the source). It is never committed as a binary.
+``shim/pause/pause.c`` becomes ``pyshim-pause`` (the process that holds a pod's
+namespaces) and ``shim/containers/crun_hybrid.c`` becomes ``pyshim-crun-hybrid``
+(crun's create on a hybrid cgroup host), each inside its installed package (and,
+for an editable install, next to the source). They are never committed as binaries.
 """
 
 from __future__ import annotations
@@ -17,33 +18,38 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 VERSION = tomllib.loads(Path("pyproject.toml").read_text())["project"]["version"]
-SOURCE = Path("shim") / "pause" / "pause.c"
+# (source, program name): each program is built next to its source's package.
+PROGRAMS = (
+    (Path("shim") / "pause" / "pause.c", "pyshim-pause"),
+    (Path("shim") / "containers" / "crun_hybrid.c", "pyshim-crun-hybrid"),
+)
 
 
-def compile_pause(dest: Path) -> None:
+def compile_program(source: Path, dest: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        raise SystemExit("pyshim: a C compiler (gcc) is needed to build pyshim-pause")
+        raise SystemExit(f"pyshim: a C compiler (gcc) is needed to build {dest.name}")
     base = [cc, "-Os", "-Wall", "-Wextra", "-Werror", f'-DPAUSE_VERSION="{VERSION}"']
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     # Static when libc.a is there (tiny shared footprint per pod); dynamic otherwise.
     for extra in (["-static", "-s"], ["-s"]):
-        done = subprocess.run([*base, *extra, "-o", str(tmp), str(SOURCE)], check=False)
+        done = subprocess.run([*base, *extra, "-o", str(tmp), str(source)], check=False)
         if done.returncode == 0:
             tmp.chmod(0o755)
             tmp.replace(dest)
             return
-    raise SystemExit("pyshim: compiling shim/pause/pause.c failed")
+    raise SystemExit(f"pyshim: compiling {source} failed")
 
 
-class BuildWithPause(build_py):
+class BuildWithPrograms(build_py):
     def run(self) -> None:
         super().run()
-        if self.editable_mode:
-            compile_pause(SOURCE.with_name("pyshim-pause"))
-        else:
-            compile_pause(Path(self.build_lib) / "shim" / "pause" / "pyshim-pause")
+        for source, name in PROGRAMS:
+            if self.editable_mode:
+                compile_program(source, source.with_name(name))
+            else:
+                compile_program(source, Path(self.build_lib) / source.parent / name)
 
 
-setup(cmdclass={"build_py": BuildWithPause})
+setup(cmdclass={"build_py": BuildWithPrograms})

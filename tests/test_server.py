@@ -228,7 +228,7 @@ def test_pause_refuses_orders_that_would_change_the_host() -> None:
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_every_module_and_the_pause(tmp_path: Path) -> None:
+def test_the_wheel_holds_every_module_and_the_native_programs(tmp_path: Path) -> None:
     """What `pip install .` (scripts/serve) installs, not the editable tree the tests use."""
     import zipfile
 
@@ -241,12 +241,12 @@ def test_the_wheel_holds_every_module_and_the_pause(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "shim").rglob("*.py")}
     assert sources <= names, sorted(sources - names)
-    assert "shim/pause/pyshim-pause" in names
+    assert {"shim/pause/pyshim-pause", "shim/containers/pyshim-crun-hybrid"} <= names
 
 
 @pytest.mark.root
 def test_container_calls_kubelet_polls_answer_the_truth(daemon: Daemon) -> None:
-    # No container can exist yet: lists are empty, Status is NOT_FOUND, Stop/Remove succeed.
+    # With no container: lists are empty, Status is NOT_FOUND, Stop/Remove succeed.
     assert list(daemon.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers) == []
     assert (
         list(daemon.runtime.ListContainerStats(api_pb2.ListContainerStatsRequest(), timeout=10).stats) == []

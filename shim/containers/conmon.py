@@ -130,6 +130,7 @@ class Conmon:
                     "_OCI_SYNCPIPE": str(sync_theirs.fileno()),
                     "_OCI_STARTPIPE": str(start_theirs.fileno()),
                     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    **dict(runtime.create_env),
                 },
                 pass_fds=(sync_theirs.fileno(), start_theirs.fileno()),
                 stdin=subprocess.DEVNULL,

@@ -24,20 +24,10 @@ log = logging.getLogger(__name__)
 RUNTIME_TIMEOUT = 60.0
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
-# crun refuses a hybrid cgroup layout ("cgroups in hybrid mode not supported"). In a
-# mount namespace of its own without the cgroup2 mount it sees a plain v1 host; only its
-# `create` needs that (start, kill, exec and delete work as they are). The namespace
-# keeps the node's propagation (rslave/rshared container mounts must still see the
-# node's events), so /sys/fs/cgroup is made private there first: otherwise the unmount
-# would propagate and take the node's cgroup2 mount away.
-_HYBRID_CREATE = """#!/bin/sh
-# Written by pyshim: runs {binary} with /sys/fs/cgroup/unified hidden (crun and hybrid cgroups).
-exec unshare --mount --propagation unchanged -- /bin/sh -c \\
-    'if mountpoint -q /sys/fs/cgroup/unified; then
-       mount --make-private /sys/fs/cgroup && umount /sys/fs/cgroup/unified || exit 125
-     fi
-     exec "$0" "$@"' {binary} "$@"
-"""
+# crun refuses a hybrid cgroup layout ("cgroups in hybrid mode not supported"); only
+# its `create` needs to run without the cgroup2 mount in view (start, kill, exec and
+# delete work as they are): the native pyshim-crun-hybrid does that (see its source).
+HYBRID_HELPER = "pyshim-crun-hybrid"
 
 
 class RuntimeFailed(Internal):
@@ -49,7 +39,8 @@ class Runtime:
     handler: str  # the RuntimeClass handler name that selects it ("" is never stored)
     binary: Path
     root: Path  # the runtime's --root: state of pyshim's containers only
-    create_program: Path  # what conmon runs for `create`: the binary, or a wrapper around it
+    create_program: Path  # what conmon runs for `create`: the binary, or a helper around it
+    create_env: tuple[tuple[str, str], ...] = ()  # what that helper needs to know
 
     @property
     def kind(self) -> str:
@@ -125,6 +116,13 @@ def _message(output: bytes) -> str:
     return last[:500]
 
 
+def _hybrid_helper() -> Path:
+    helper = Path(__file__).with_name(HYBRID_HELPER)
+    if not os.access(helper, os.X_OK):
+        raise FailedPrecondition(f"{helper} is missing: reinstall pyshim (pip builds it)")
+    return helper
+
+
 def load(handlers: tuple[tuple[str, str], ...], state_root: Path, hybrid_cgroups: bool) -> dict[str, Runtime]:
     """Runtimes by handler name from ("name", "path or program") pairs; the first
     is the default (also under the name ""). A program that is not installed is refused."""
@@ -137,10 +135,11 @@ def load(handlers: tuple[tuple[str, str], ...], state_root: Path, hybrid_cgroups
         root = state_root / name
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         create = binary
+        env: tuple[tuple[str, str], ...] = ()
         if hybrid_cgroups and binary.name == "crun":
-            create = state_root / f"{name}-create"
-            create.write_text(_HYBRID_CREATE.format(binary=binary))
-            create.chmod(0o700)
-        runtimes[name] = Runtime(handler=name, binary=binary, root=root, create_program=create)
+            create, env = _hybrid_helper(), (("PYSHIM_RUNTIME", str(binary)),)
+        runtimes[name] = Runtime(
+            handler=name, binary=binary, root=root, create_program=create, create_env=env
+        )
     runtimes[""] = runtimes[handlers[0][0]]
     return runtimes
