@@ -127,9 +127,11 @@ class RecordStore(Generic[R]):
             raise ValueError(f"not an id: {record_id!r}")
         return self.directory / f"{record_id}.json"
 
-    def save(self, record: R) -> None:
+    def save(self, record: R, durable: bool = True) -> None:
+        """Atomic always; durable=False skips the fsyncs, for a change that a machine
+        crash makes moot anyway (a container's start or exit: no process outlives a reboot)."""
         payload = json.dumps(record.to_json(), separators=(",", ":")).encode()
-        write_atomically(self.path(record.id), payload)
+        write_atomically(self.path(record.id), payload, durable)
 
     def delete(self, record_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -355,7 +355,9 @@ class ContainerManager:
             except ShimError as exc:
                 self._fail_start(container, exc)
                 raise
-            self._update(container, lambda r: _started(r, now))
+            # Not fsynced: after a machine crash no container runs, whatever this says;
+            # a daemon crash loses nothing written.
+            self._update(container, lambda r: _started(r, now), durable=False)
         log.info("event=container_started container=%s", record.id)
 
     def _fail_start(self, container: Container, exc: ShimError) -> None:
@@ -547,7 +549,12 @@ class ContainerManager:
 
     # ---- exits ----------------------------------------------------------------------
 
-    def _update(self, container: Container, change: Callable[[ContainerRecord], ContainerRecord]) -> None:
+    def _update(
+        self,
+        container: Container,
+        change: Callable[[ContainerRecord], ContainerRecord],
+        durable: bool = True,
+    ) -> None:
         """Apply a change to the latest record, persist it, then show it (nothing is
         written for a removed container or a change that changes nothing)."""
         with container.state_lock:
@@ -556,7 +563,7 @@ class ContainerManager:
             record = change(container.record)
             if record is container.record:
                 return
-            self.store.save(record)
+            self.store.save(record, durable)
             container.record = record
         self.registry.changed()
 
@@ -590,7 +597,8 @@ class ContainerManager:
 
     def _exited(self, container: Container, found: Exit, message: str) -> None:
         reason = "OOMKilled" if found.oom_killed else "Completed" if found.code == 0 else "Error"
-        self._update(container, lambda r: _exited(r, found, reason, message))
+        # Not fsynced, as a start: conmon's exit file holds the same until a reboot.
+        self._update(container, lambda r: _exited(r, found, reason, message), durable=False)
         container.exited.set()
         log.info("event=container_exited container=%s code=%d reason=%s", container.id, found.code, reason)
 
