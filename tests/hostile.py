@@ -424,7 +424,7 @@ _INT64 = st.integers(-(2**63), 2**63 - 1)
 
 # Per field: (valid values, hostile values).
 _FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
-    "handler": (st.sampled_from(["", "runc"]), hostile_text),
+    "handler": (st.sampled_from(["", "crun", "runc"]), hostile_text),
     "metadata": (
         st.sampled_from(["fresh"] * 5 + ["duplicate"]),
         st.sampled_from(["no config", "none", "empty"]),
@@ -571,7 +571,7 @@ def _namespaced(key: str) -> bool:
     return bool(re.fullmatch(r"net\..+|kernel\.shm.+|kernel\.msg.+|kernel\.sem|fs\.mqueue\..+", key))
 
 
-def verdict(request: api_pb2.RunPodSandboxRequest, handlers: Sequence[str] = ("runc",)) -> Verdict:
+def verdict(request: api_pb2.RunPodSandboxRequest, handlers: Sequence[str] = ("crun", "runc")) -> Verdict:
     v = Verdict()
     bad = v.invalid.append
     if not request.HasField("config"):

@@ -23,18 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install-system-deps"
 # Where Debian's packages put programs (/usr/local is the operator's own).
 SYSTEM_PATH = os.pathsep.join(["/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-# What the daemon runs (or will run for containers) and the files it builds with or reads.
+# What the daemon runs and the files it builds with or reads.
 DAEMON_NEEDS = (
     "nft",  # shim/network/bridge.py: pyshim's own table
-    "runc",  # containers: the default runtime
-    "crun",  # containers: the other runtime
+    "crun",  # containers: the default runtime handler
+    "runc",  # containers: the other runtime handler
     "conmon",  # containers: the monitor
-    "unshare",  # crun's create runs in a private mount namespace
     "/usr/lib/cni/bridge",  # CNI mode: Debian's plugins
     "/usr/lib/cni/host-local",
     "/usr/lib/cni/loopback",
     "/usr/lib/cni/portmap",
-    "gcc",  # setup.py compiles the pause when pyshim is installed
+    "gcc",  # setup.py compiles the native programs (the pause, crun's helper) when pyshim is installed
     f"/usr/lib/{sysconfig.get_config_var('MULTIARCH')}/libc.a",  # ... statically (else silently dynamic)
     "/usr/share/containers/seccomp.json",  # containers: the default seccomp profile
 )

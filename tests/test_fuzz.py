@@ -245,7 +245,7 @@ def made_as_asked(world: World, request: api_pb2.RunPodSandboxRequest, sandbox_i
     assert status.id == sandbox_id and status.state == api_pb2.SANDBOX_READY
     assert status.metadata == c.metadata
     assert dict(status.labels) == dict(c.labels) and dict(status.annotations) == dict(c.annotations)
-    assert status.runtime_handler == (request.runtime_handler or "runc")
+    assert status.runtime_handler == (request.runtime_handler or "crun")
     opts, asked = status.linux.namespaces.options, c.linux.security_context.namespace_options
     assert (opts.network, opts.pid, opts.ipc) == (asked.network, asked.pid, asked.ipc)
     pod_network = asked.network == api_pb2.POD

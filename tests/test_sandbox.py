@@ -122,7 +122,7 @@ def test_status_echoes_the_request(daemon: Daemon) -> None:
     st = status(daemon, sandbox_id).status
     assert st.metadata == config.metadata
     assert dict(st.labels) == dict(config.labels) and dict(st.annotations) == dict(config.annotations)
-    assert st.runtime_handler == "runc"
+    assert st.runtime_handler == "crun"  # the default handler
     assert status(daemon, sandbox_id).info == {}  # only with verbose
     details = info(daemon, sandbox_id)
     assert details["config"]["metadata"]["name"] == config.metadata.name
@@ -246,7 +246,7 @@ def test_list_item_carries_metadata_labels_annotations(daemon: Daemon) -> None:
     item = daemon.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items[0]
     assert item.id == sandbox_id and item.metadata == config.metadata
     assert dict(item.labels) == {"app": "x"} and dict(item.annotations) == {"a": "b"}
-    assert item.state == api_pb2.SANDBOX_READY and item.created_at > 0 and item.runtime_handler == "runc"
+    assert item.state == api_pb2.SANDBOX_READY and item.created_at > 0 and item.runtime_handler == "crun"
 
 
 def test_many_concurrent_runs_get_distinct_ready_sandboxes(daemon: Daemon) -> None:
