@@ -8,8 +8,6 @@ once and maps ShimError to its status code, anything else to INTERNAL.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import os
@@ -18,14 +16,11 @@ import signal
 import socket
 import stat
 import threading
-import time
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from shim import __version__, cri, lockfile, memory, validate
 from shim._proto import api_pb2
@@ -39,7 +34,7 @@ from shim.containers.lifecycle import KILL_WAIT, ContainerManager
 from shim.containers.lifecycle import ListFilter as ContainerFilter
 from shim.containers.record import ContainerState
 from shim.containers.stats import Stats
-from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unimplemented
+from shim.errors import FailedPrecondition, InvalidArgument
 from shim.images import Images
 from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
@@ -47,6 +42,7 @@ from shim.images.store import ImageStore
 from shim.network.select import NetworkSelector
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, OrphanReaper, become_subreaper
+from shim.rpc import fill_unimplemented, generic_handler, rpc
 from shim.sandbox import ListFilter, SandboxManager
 from shim.sandbox_record import SandboxRecord, SandboxState
 
@@ -60,163 +56,7 @@ RUNTIME_API_VERSION = "v1"
 # memory. Replies may be larger (lists): kubelet's client accepts 16 MiB.
 MAX_REQUEST = 4 * 1024 * 1024 + 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
-MAX_MESSAGE_BYTES = 2000  # of an error's message: at most 6 KB once percent-encoded
 _UNIX_PATH_MAX = 107
-# Polled every second or so by kubelet: logged at debug level only.
-_QUIET = {
-    "Version",
-    "Status",
-    "ListPodSandbox",
-    "PodSandboxStatus",
-    "ListContainers",
-    "ImageFsInfo",
-    "ListImages",
-    "ListContainerStats",
-    "ContainerStatus",
-}
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def rpc(method: F) -> F:
-    """Log the call once with its outcome; map errors to gRPC status codes."""
-    name = method.__name__
-    level = logging.DEBUG if name in _QUIET else logging.INFO
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        start = time.perf_counter()
-        response = None
-        try:
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(
-                    f"{name}: the request is not a valid {request.type_name}: {request.reason}"
-                )
-            response = method(self, request, context)
-        except ShimError as exc:
-            message = bounded(str(exc))
-            log.warning(
-                "rpc=%s code=%s ms=%.2f%s error=%r",
-                name,
-                exc.code.name,
-                _ms(start),
-                _subject(request, None),
-                message,
-            )
-            context.abort(exc.code, message)
-        except Exception:
-            log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), _subject(request, None))
-            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
-        if log.isEnabledFor(level):
-            log.log(level, "rpc=%s code=OK ms=%.2f%s", name, _ms(start), _subject(request, response))
-        return response
-
-    return wrapper  # type: ignore[return-value]
-
-
-def bounded(message: str) -> str:
-    """A status message short enough for its header: gRPC percent-encodes every byte
-    outside printable ASCII (3 bytes each) and clients refuse headers over 8-16 KiB,
-    so a message echoing a huge request field would reach the client as
-    RESOURCE_EXHAUSTED instead of its own code."""
-    raw = message.encode()
-    if len(raw) <= MAX_MESSAGE_BYTES:
-        return message
-    return raw[:MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000
-
-
-# Request (and reply) fields that name what a call is about, and how the log calls them.
-_SUBJECTS = (("pod_sandbox_id", "sandbox"), ("container_id", "container"))
-
-
-def _subject(request: Any, response: Any) -> str:
-    """ " sandbox=ID container=ID image=REF" for the log line, from what the call names."""
-    parts = []
-    for message in (request, response):
-        for field_name, label in _SUBJECTS:
-            value = getattr(message, field_name, "")
-            if value and isinstance(value, str):
-                parts.append(f" {label}={_loggable(value)}")
-    image = getattr(request, "image", None)
-    if image is not None and not isinstance(image, str):
-        ref = getattr(image, "image", "")
-        if ref:
-            parts.append(f" image={_loggable(ref)}")
-    image_ref = getattr(response, "image_ref", "")
-    if image_ref:
-        parts.append(f" image_id={_loggable(image_ref)}")
-    return "".join(dict.fromkeys(parts))
-
-
-def _loggable(value: str) -> str:
-    # Ids and references are plain words; anything else from a request is shown quoted and cut.
-    if len(value) <= 256 and value.isprintable() and " " not in value:
-        return value
-    return repr(value[:80])
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Undecodable:
-    """A request that could not be decoded: answered INVALID_ARGUMENT, not INTERNAL."""
-
-    type_name: str
-    reason: str
-
-
-def _unimplemented(service: str, method: str) -> Callable[..., Any]:
-    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        raise Unimplemented(f"{service}/{method} is not implemented by pyshim yet")
-
-    handler.__name__ = method
-    return rpc(handler)
-
-
-def _serialize(message: Message | bytes) -> bytes:
-    # Responses encoded ahead (ListPodSandbox, from cached entries) go out as they are.
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-def _deserializer(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
-    parse = message_type.FromString
-
-    def deserialize(data: bytes) -> Message | Undecodable:
-        memory.note_request(len(data))
-        try:
-            return parse(data)
-        except DecodeError as exc:  # e.g. a string field that is not UTF-8
-            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc)[:200])
-
-    return deserialize
-
-
-def _generic_handler(servicer: object, service: str) -> grpc.GenericRpcHandler:
-    """Handlers for every method of a CRI service, built from the proto descriptor."""
-    handlers = {}
-    for method in api_pb2.DESCRIPTOR.services_by_name[service].methods:
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = factory(
-            getattr(servicer, method.name),
-            request_deserializer=_deserializer(getattr(api_pb2, method.input_type.name)),
-            response_serializer=_serialize,
-        )
-    return grpc.method_handlers_generic_handler(f"runtime.v1.{service}", handlers)
-
-
-def _fill_unimplemented(cls: type, service: str) -> type:
-    """Every method of the service that `cls` does not define answers UNIMPLEMENTED by name."""
-    descriptor = api_pb2.DESCRIPTOR.services_by_name[service]
-    for method in descriptor.methods:
-        if method.name not in cls.__dict__:
-            setattr(cls, method.name, _unimplemented(service, method.name))
-    return cls
 
 
 class RuntimeService:
@@ -562,8 +402,8 @@ class ImageService:
         return api_pb2.ImageFsInfoResponse(image_filesystems=[usage], container_filesystems=[usage])
 
 
-_fill_unimplemented(RuntimeService, "RuntimeService")
-_fill_unimplemented(ImageService, "ImageService")
+fill_unimplemented(RuntimeService, "RuntimeService")
+fill_unimplemented(ImageService, "ImageService")
 
 
 def _required_id(value: str, what: str = "pod_sandbox_id") -> str:
@@ -665,10 +505,10 @@ class Daemon:
         )
         server.add_generic_rpc_handlers(
             (
-                _generic_handler(
+                generic_handler(
                     RuntimeService(self.config, self.sandboxes, self.containers, self.stats), "RuntimeService"
                 ),
-                _generic_handler(ImageService(self.config, self.images), "ImageService"),
+                generic_handler(ImageService(self.config, self.images), "ImageService"),
             )
         )
         server.add_insecure_port(f"unix:{self.config.socket}")

@@ -1,4 +1,4 @@
-"""shim.server.bounded: error messages fit in a gRPC status header whatever they quote."""
+"""shim.rpc.bounded: error messages fit in a gRPC status header whatever they quote."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from shim.server import MAX_MESSAGE_BYTES, bounded
+from shim.rpc import MAX_MESSAGE_BYTES, bounded
 
 
 @given(
