@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +243,18 @@ def reopen_log(bundle: Path, log_path: str, timeout: float = 5.0) -> bool:
     while log_path and not os.path.exists(log_path) and time.monotonic() < deadline:
         time.sleep(0.001)
     return True
+
+
+def monitors_of(container_id: str) -> Iterator[int]:
+    """Pids of conmons started for this container id (from their argv): for the sweep."""
+    marker = f"\0-c\0{container_id}\0".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"conmon\0") and marker in cmdline:
+            yield int(entry.name)

@@ -18,7 +18,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +28,8 @@ from shim.cgroups import Cgroups
 from shim.config import Config
 from shim.containers import mounts as container_mounts
 from shim.containers import spec as oci
+from shim.containers import sweep
+from shim.containers import validate as container_validate
 from shim.containers.conmon import Conmon, Exit, read_exit, reopen_log
 from shim.containers.exec import ExecResult, exec_sync
 from shim.containers.record import (
@@ -35,7 +37,9 @@ from shim.containers.record import (
     ContainerState,
     ContainerUser,
     container_store,
+    exited,
     reservation,
+    started,
 )
 from shim.containers.runtime import Runtime
 from shim.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ShimError
@@ -170,7 +174,7 @@ class ContainerManager:
         runtime = self.runtime(pod.runtime_handler)
         undo = Undo(f"container={container_id}", self.config.fail_at)
         cgroup = container_cgroup(pod.cgroup_parent, container_id)
-        log_path = self._log_path(pod, spec)
+        log_path = container_validate.log_file(pod.log_directory, spec.log_path)
         try:
             # The bundle dir is the intent marker: the start-up sweep undoes a Create
             # the daemon died in by what this dir names.
@@ -225,7 +229,7 @@ class ContainerManager:
                 pid=launched.pid,
                 monitor=launched.monitor.identity,
                 user=ContainerUser(built.uid, built.gid, built.additional_gids),
-                stop_signal=self._stop_signal(spec.config, image),
+                stop_signal=oci.stop_signal(spec.config, image.config),
                 resources=spec.config.linux.resources.SerializeToString(deterministic=True),
                 config=spec.config_bytes,
             )
@@ -297,24 +301,6 @@ class ContainerManager:
             raise FailedPrecondition(f"pid namespace target container {target.id} is not running")
         return f"/proc/{process.pid}/ns/pid"
 
-    def _log_path(self, pod: SandboxRecord, spec: oci.ContainerSpec) -> str:
-        """The log file, inside the pod's log directory (validated not to leave it)."""
-        if not spec.log_path or not pod.log_directory:
-            return ""
-        directory = os.path.normpath(pod.log_directory)
-        path = os.path.normpath(os.path.join(directory, spec.log_path))
-        if not path.startswith(directory + "/"):
-            raise FailedPrecondition(f"log_path {spec.log_path!r} leaves the pod's log directory")
-        return path
-
-    @staticmethod
-    def _stop_signal(config: api_pb2.ContainerConfig, image: ImageRecord) -> int:
-        if config.stop_signal:
-            name = api_pb2.Signal.Name(config.stop_signal).removeprefix("SIGNAL_")
-            with contextlib.suppress(KeyError):
-                return int(signal.Signals[name])
-        return image.config.stop_signal or int(signal.SIGTERM)
-
     def _made(self, container_id: str) -> None:
         with self._making_lock:
             self._making.pop(container_id, None)
@@ -357,7 +343,7 @@ class ContainerManager:
                 raise
             # Not fsynced: after a machine crash no container runs, whatever this says;
             # a daemon crash loses nothing written.
-            self._update(container, lambda r: _started(r, now), durable=False)
+            self._update(container, lambda r: started(r, now), durable=False)
         log.info("event=container_started container=%s", record.id)
 
     def _fail_start(self, container: Container, exc: ShimError) -> None:
@@ -598,7 +584,9 @@ class ContainerManager:
     def _exited(self, container: Container, found: Exit, message: str) -> None:
         reason = "OOMKilled" if found.oom_killed else "Completed" if found.code == 0 else "Error"
         # Not fsynced, as a start: conmon's exit file holds the same until a reboot.
-        self._update(container, lambda r: _exited(r, found, reason, message), durable=False)
+        self._update(
+            container, lambda r: exited(r, found.code, found.finished_at, reason, message), durable=False
+        )
         container.exited.set()
         log.info("event=container_exited container=%s code=%d reason=%s", container.id, found.code, reason)
 
@@ -637,35 +625,13 @@ class ContainerManager:
 
     def _sweep_unrecorded(self) -> None:
         """Bundles and root filesystems without a record are Creates the daemon died in."""
-        recorded = self.store.ids()
-        for bundle in self.config.run_containers_dir.iterdir():
-            if is_id(bundle.name) and bundle.name not in recorded:
-                self._sweep(bundle)
-        for rootfs in self.layers.mounts_dir.iterdir():
-            if is_id(rootfs.name) and rootfs.name not in recorded:
-                with contextlib.suppress(ShimError):
-                    self.layers.release(rootfs.name)
-
-    def _sweep(self, bundle: Path) -> None:
-        container_id = bundle.name
-        for pid in _conmons_of(container_id):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for runtime in {r.handler: r for r in self.runtimes.values()}.values():
-            with contextlib.suppress(ShimError):
-                runtime.delete(container_id)
-        try:
-            document = json.loads((bundle / "config.json").read_bytes())
-            cgroup = str(document["linux"]["cgroupsPath"])
-        except (OSError, ValueError, KeyError, TypeError):
-            cgroup = ""
-        if cgroup:
-            with contextlib.suppress(ShimError):
-                self._remove_cgroups(cgroup)
-        with contextlib.suppress(ShimError):
-            self.layers.release(container_id)
-        shutil.rmtree(bundle, ignore_errors=True)
-        log.warning("event=swept_half_made container=%s", container_id)
+        sweep.unrecorded(
+            self.config.run_containers_dir,
+            self.store.ids(),
+            list({r.handler: r for r in self.runtimes.values()}.values()),
+            self.layers,
+            self._remove_cgroups,
+        )
 
 
 def container_cgroup(pod_cgroup: str, container_id: str) -> str:
@@ -677,47 +643,10 @@ def monitor_cgroup(pod_cgroup: str, container_id: str) -> str:
     return f"{pod_cgroup}/pyshim-conmon-{container_id}"
 
 
-def _conmons_of(container_id: str) -> Iterable[int]:
-    marker = f"\0-c\0{container_id}\0".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if cmdline.startswith(b"conmon\0") and marker in cmdline:
-            yield int(entry.name)
-
-
 def _node_hostname(pod: SandboxRecord) -> str:
     if pod.modes.network == NamespaceMode.NODE:
         return os.uname().nodename
     return ""
-
-
-def _started(record: ContainerRecord, now: int) -> ContainerRecord:
-    if record.state is ContainerState.CREATED:
-        return replace(record, state=ContainerState.RUNNING, started_at=now)
-    # It exited before Start could say it runs: keep EXITED, but it did start, and not
-    # after it finished (the exit file's time comes from the kernel's coarse clock).
-    started = record.started_at or now
-    return replace(record, started_at=min(started, record.finished_at or started))
-
-
-def _exited(record: ContainerRecord, found: Exit, reason: str, message: str) -> ContainerRecord:
-    if record.state is ContainerState.EXITED:
-        return record
-    return replace(
-        record,
-        state=ContainerState.EXITED,
-        exit_code=found.code,
-        # File times come from the kernel's coarse clock: never before the start.
-        finished_at=max(found.finished_at, record.started_at),
-        reason=reason,
-        message=message,
-    )
 
 
 def _matches(record: ContainerRecord, flt: ListFilter, sandbox_id: str) -> bool:

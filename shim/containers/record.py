@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,33 @@ class ContainerRecord:
             resources=base64.b64decode(data["resources"]),
             config=base64.b64decode(data["config"]),
         )
+
+
+def started(record: ContainerRecord, now: int) -> ContainerRecord:
+    """RUNNING since `now`, unless it already exited."""
+    if record.state is ContainerState.CREATED:
+        return replace(record, state=ContainerState.RUNNING, started_at=now)
+    # It exited before Start could say it runs: keep EXITED, but it did start, and not
+    # after it finished (the exit file's time comes from the kernel's coarse clock).
+    started = record.started_at or now
+    return replace(record, started_at=min(started, record.finished_at or started))
+
+
+def exited(
+    record: ContainerRecord, code: int, finished_at: int, reason: str, message: str
+) -> ContainerRecord:
+    """EXITED with the exit conmon (or the runtime) saw; an EXITED record stays as it is."""
+    if record.state is ContainerState.EXITED:
+        return record
+    return replace(
+        record,
+        state=ContainerState.EXITED,
+        exit_code=code,
+        # File times come from the kernel's coarse clock: never before the start.
+        finished_at=max(finished_at, record.started_at),
+        reason=reason,
+        message=message,
+    )
 
 
 def reservation(sandbox_id: str, name: str, attempt: int) -> str:

@@ -11,7 +11,9 @@ the container's own root filesystem; the node-side preparation of mounts is
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,13 @@ def _make_directories(ctr: ContainerContext, cwd: str) -> None:
             raise FailedPrecondition("an image volume path holds a NUL character")
         rootpath.make_dirs(ctr.rootfs, "/" + volume.lstrip("/"))
     rootpath.make_dirs(ctr.rootfs, cwd)
+
+
+def stop_signal(config: api_pb2.ContainerConfig, image: ImageConfig) -> int:
+    """The signal that asks the container to stop: the config's, else the image's
+    StopSignal, else SIGTERM."""
+    if config.stop_signal:
+        name = api_pb2.Signal.Name(config.stop_signal).removeprefix("SIGNAL_")
+        with contextlib.suppress(KeyError):
+            return int(signal.Signals[name])
+    return image.stop_signal or int(signal.SIGTERM)

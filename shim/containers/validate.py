@@ -9,6 +9,7 @@ missing device) is checked when the spec is built.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -382,3 +383,14 @@ def _namespaces(opts: api_pb2.NamespaceOption, where: str) -> None:
         )
         if mode == NamespaceMode.POD and (userns.uids or userns.gids):
             raise Unimplemented("user namespaces with id mappings are not supported by pyshim yet")
+
+
+def log_file(log_directory: str, log_path: str) -> str:
+    """The container's log file: the (checked) relative log_path inside the pod's log
+    directory; "" when either is unset (no log file is written then)."""
+    if not log_path or not log_directory:
+        return ""
+    directory = os.path.normpath(log_directory)
+    path = os.path.normpath(os.path.join(directory, log_path))
+    _check(path.startswith(directory + "/"), f"log_path {_show(log_path)} leaves the pod's log directory")
+    return path
