@@ -9,11 +9,9 @@ and removed before its record (through the PodContainers hooks).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -23,16 +21,17 @@ from pathlib import Path
 from typing import Protocol
 
 from shim import mounts, namespaces
-from shim.cgroups import CgroupBusy, Cgroups, Limits
+from shim.cgroups import Cgroups
 from shim.config import Config
-from shim.errors import AlreadyExists, Internal, InvalidArgument, ShimError
+from shim.errors import AlreadyExists, Internal, ShimError
 from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
+from shim.podcgroups import PodCgroup, PodCgroups
 from shim.procs import ExitWatcher, TrackedProcess, wait_gone
 from shim.registry import Registry
 from shim.sandbox_record import SandboxRecord, SandboxState, sandbox_store
-from shim.store import is_id, new_id, write_atomically
+from shim.store import is_id, new_id
 from shim.undo import Undo, inject
 from shim.validate import SandboxSpec
 
@@ -42,8 +41,6 @@ log = logging.getLogger(__name__)
 _DUPLICATE_WAIT = 240.0
 # A pod's /dev/shm, as containerd sizes it.
 SHM_SIZE = "64m"
-# In a Run's dir: the pod's cgroup and what was made for it, until the record says so.
-CGROUP_NOTE = "cgroup.json"
 
 
 @dataclass(eq=False)
@@ -107,9 +104,7 @@ class SandboxManager:
         self.config = config
         self.pause_path = pause_path
         self.network = network
-        self.cgroups = cgroups
-        # Making a pod's cgroup and removing the ancestors pods share, one at a time.
-        self._cgroup_lock = threading.Lock()
+        self.pod_cgroups = PodCgroups(cgroups, config.cgroup_root)
         self.store = sandbox_store(config.sandboxes_dir)
         self.watcher = watcher
         self.registry: Registry[Sandbox] = Registry("pod sandbox")
@@ -176,7 +171,7 @@ class SandboxManager:
             made.undo("kill_pause", made.drop_pause)
             for warning in spawned.warnings:
                 log.info("event=pause_warning sandbox=%s detail=%r", sandbox_id, warning)
-            self.cgroups.join(pause_cgroup(made.cgroup_parent, sandbox_id), spawned.identity.pid)
+            self.pod_cgroups.join_pause(made.cgroup.parent, sandbox_id, spawned.identity.pid)
             self._inject("spawn")
 
             self._pin_all(spawned, spec, made)
@@ -211,44 +206,11 @@ class SandboxManager:
         return Sandbox(record=record, pause=made.pause)
 
     def _make_cgroup(self, spec: SandboxSpec, made: _Made) -> None:
-        """The pod's cgroup: the one the request names (kubelet makes it and sets its
-        limits), else one of pyshim's own; made here only where it is missing, and
-        then given the pod's limits. Every directory made here is recorded and
-        removed with the pod."""
-        parent = spec.cgroup_parent or f"{self.config.cgroup_root}/{made.sandbox_id}"
-        made.cgroup_parent = parent
-        # Registered first: the pause's cgroup, and what make() creates, go on any failure.
-        made.undo("cgroup", made.drop_cgroups, self)
-        with self._cgroup_lock:
-            existed = self.cgroups.exists(parent)
-            made.cgroup_created = tuple(self.cgroups.make(parent))
-        # For the start-up sweep, should the daemon die before the record is written.
-        write_atomically(
-            self.config.run_sandboxes_dir / made.sandbox_id / CGROUP_NOTE,
-            json.dumps([parent, *made.cgroup_created]).encode(),
-            durable=False,
+        # Registered first: what make() creates, and then the pause's cgroup, go on any failure.
+        made.undo("cgroup", made.drop_cgroups, self.pod_cgroups)
+        made.cgroup = self.pod_cgroups.make(
+            made.sandbox_id, spec.cgroup_parent, spec.limits, self.config.run_sandboxes_dir / made.sandbox_id
         )
-        if not existed and spec.limits != Limits():
-            try:
-                self.cgroups.set_limits(parent, spec.limits)
-            except Internal as exc:  # values the kernel refuses (CPUs this node lacks...)
-                raise InvalidArgument(f"the pod's resources cannot be set on its cgroup: {exc}") from None
-
-    def remove_pod_cgroups(self, sandbox_id: str, parent: str, created: tuple[str, ...]) -> None:
-        """Remove the pause's cgroup and what pyshim made for the pod's: the pod's own
-        directories must go (processes left in them are the pod's: killed); ancestors
-        made for it are shared with other pods and go only once empty."""
-        if not parent:
-            return
-        remove_when_empty(self.cgroups, pause_cgroup(parent, sandbox_id))
-        own = [d for d in created if d.endswith(parent)]
-        with self._cgroup_lock:
-            if own:
-                remove_when_empty(self.cgroups, parent)
-                self.cgroups.remove_dirs(own)
-            for directory in sorted(set(created) - set(own), key=len, reverse=True):
-                with contextlib.suppress(CgroupBusy):
-                    self.cgroups.remove_dirs([directory])
 
     def _mount_shm(self, run_dir: Path, made: _Made) -> None:
         """One /dev/shm for all of the pod's containers, as containerd makes it."""
@@ -303,8 +265,8 @@ class SandboxManager:
             namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
             network=pod_network,
             files=files,
-            cgroup_parent=made.cgroup_parent,
-            cgroup_created=made.cgroup_created,
+            cgroup_parent=made.cgroup.parent,
+            cgroup_created=made.cgroup.created,
             shm=made.shm,
             config=spec.config,
         )
@@ -326,8 +288,8 @@ class SandboxManager:
             pause=made.pause.identity if made.pause else None,
             namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
             network=made.network,
-            cgroup_parent=made.cgroup_parent,
-            cgroup_created=made.cgroup_created,
+            cgroup_parent=made.cgroup.parent,
+            cgroup_created=made.cgroup.created,
             shm=made.shm,
             config=spec.config,
         )
@@ -403,7 +365,7 @@ class SandboxManager:
             # Stopped before: nothing is left to release but, after a failed undo, the
             # pause's cgroup (gone already on every other path: this is an rmdir of nothing).
             if record.cgroup_parent:
-                remove_when_empty(self.cgroups, pause_cgroup(record.cgroup_parent, record.id))
+                self.pod_cgroups.remove_pause(record.cgroup_parent, record.id)
             return
         pause, sandbox.pause = sandbox.pause, None  # first: its exit is then Stop's, not news
         if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
@@ -425,7 +387,7 @@ class SandboxManager:
             if record.shm:
                 mounts.umount(Path(record.shm))
             if record.cgroup_parent:
-                remove_when_empty(self.cgroups, pause_cgroup(record.cgroup_parent, record.id))
+                self.pod_cgroups.remove_pause(record.cgroup_parent, record.id)
             pins_gone = True
         finally:
             # One write, also after a partial failure: what is left stays recorded for a retry.
@@ -444,7 +406,7 @@ class SandboxManager:
             self._stop_locked(sandbox)
             self.containers.remove_all(sandbox.id)
             record = sandbox.record
-            self.remove_pod_cgroups(record.id, record.cgroup_parent, record.cgroup_created)
+            self.pod_cgroups.remove(record.id, PodCgroup(record.cgroup_parent, record.cgroup_created))
             shutil.rmtree(self.config.run_sandboxes_dir / sandbox.id, ignore_errors=True)
             self.store.delete(sandbox.id)
             sandbox.removed = True
@@ -560,41 +522,9 @@ class SandboxManager:
                     namespaces.unpin(self._pin_path(sandbox_id, kind))
             with contextlib.suppress(ShimError):
                 mounts.umount(run_dir / "shm")
-            self._sweep_cgroups(sandbox_id, run_dir)
+            self.pod_cgroups.sweep(sandbox_id, run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
             log.warning("event=swept_half_made sandbox=%s", sandbox_id)
-
-    def _sweep_cgroups(self, sandbox_id: str, run_dir: Path) -> None:
-        try:
-            parent, *created = json.loads((run_dir / CGROUP_NOTE).read_bytes())
-        except (OSError, ValueError):
-            return
-        try:
-            self.remove_pod_cgroups(sandbox_id, parent, tuple(created))
-        except ShimError as exc:
-            log.warning("event=cgroup_sweep_failed sandbox=%s reason=%r", sandbox_id, str(exc))
-
-
-def remove_when_empty(cgroups: Cgroups, path: str, timeout: float = 2.0) -> None:
-    """Remove a cgroup of a stopped pod. A process still in it is the pod's (nothing
-    else is ever put there, and a reused pid cannot move in): it is killed. A dead one
-    stays listed until its parent reaps it, after a daemon restart PID 1: waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            cgroups.remove(path)
-            return
-        except CgroupBusy as busy:
-            if time.monotonic() > deadline:
-                raise
-            for pid in busy.pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.02)
-
-
-def pause_cgroup(parent: str, sandbox_id: str) -> str:
-    return f"{parent}/pyshim-{sandbox_id}"
 
 
 class _Made:
@@ -609,8 +539,7 @@ class _Made:
         self.pause: TrackedProcess | None = None
         self.pins: dict[str, str] = {}
         self.network: PodNetwork | None = None
-        self.cgroup_parent = ""
-        self.cgroup_created: tuple[str, ...] = ()
+        self.cgroup = PodCgroup("", ())
         self.shm = ""
 
     def undo(self, name: str, step: Callable[..., object], *args: object) -> None:
@@ -625,9 +554,9 @@ class _Made:
         namespaces.unpin(Path(self.pins[kind]))
         del self.pins[kind]
 
-    def drop_cgroups(self, manager: SandboxManager) -> None:
-        manager.remove_pod_cgroups(self.sandbox_id, self.cgroup_parent, self.cgroup_created)
-        self.cgroup_parent, self.cgroup_created = "", ()
+    def drop_cgroups(self, pod_cgroups: PodCgroups) -> None:
+        pod_cgroups.remove(self.sandbox_id, self.cgroup)
+        self.cgroup = PodCgroup("", ())
 
     def drop_shm(self) -> None:
         mounts.umount(Path(self.shm))

@@ -1,0 +1,115 @@
+"""Pods' cgroups as kubelet expects them (cgroupfs driver).
+
+A pod's cgroup is the `cgroup_parent` the request names: kubelet makes it, sets the
+pod's limits on it and removes it after the pod. Where it is missing (crictl without
+kubelet, or no parent named: `<cgroup root>/<sandbox id>`), pyshim makes it, records
+exactly the directories it made (in every hierarchy, `name=systemd` and `unified`
+too), gives it the pod's limits, and removes it with the pod. The pause lives in the
+child `pyshim-<sandbox id>`, each container in `pyshim-<container id>` and its
+conmon in `pyshim-conmon-<container id>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim.cgroups import CgroupBusy, Cgroups, Limits
+from shim.errors import Internal, InvalidArgument, ShimError
+from shim.store import write_atomically
+
+log = logging.getLogger(__name__)
+
+# In a Run's dir: the pod's cgroup and what was made for it, until the record says so.
+NOTE = "cgroup.json"
+
+
+@dataclass(frozen=True, slots=True)
+class PodCgroup:
+    parent: str  # the pod's cgroup
+    created: tuple[str, ...]  # the directories pyshim made for it (removed with the pod)
+
+
+def pause_cgroup(parent: str, sandbox_id: str) -> str:
+    return f"{parent}/pyshim-{sandbox_id}"
+
+
+class PodCgroups:
+    def __init__(self, cgroups: Cgroups, root: str) -> None:
+        self.cgroups = cgroups
+        self.root = root  # for pods that name no parent
+        # Making a pod's cgroup and removing the ancestors pods share, one at a time.
+        self._lock = threading.Lock()
+
+    def make(self, sandbox_id: str, parent: str, limits: Limits, run_dir: Path) -> PodCgroup:
+        """The pod's cgroup, made where missing (and then given the pod's limits). The
+        note in `run_dir` lets the start-up sweep remove it if the daemon dies first."""
+        parent = parent or f"{self.root}/{sandbox_id}"
+        with self._lock:
+            existed = self.cgroups.exists(parent)
+            made = PodCgroup(parent, tuple(self.cgroups.make(parent)))
+        write_atomically(run_dir / NOTE, json.dumps([made.parent, *made.created]).encode(), durable=False)
+        if not existed and limits != Limits():
+            try:
+                self.cgroups.set_limits(parent, limits)
+            except Internal as exc:  # values the kernel refuses (CPUs this node lacks...)
+                raise InvalidArgument(f"the pod's resources cannot be set on its cgroup: {exc}") from None
+        return made
+
+    def join_pause(self, parent: str, sandbox_id: str, pid: int) -> None:
+        self.cgroups.join(pause_cgroup(parent, sandbox_id), pid)
+
+    def remove_pause(self, parent: str, sandbox_id: str) -> None:
+        remove_when_empty(self.cgroups, pause_cgroup(parent, sandbox_id))
+
+    def remove(self, sandbox_id: str, made: PodCgroup) -> None:
+        """Remove the pause's cgroup and what pyshim made for the pod's: the pod's own
+        directories must go (processes left in them are the pod's: killed); ancestors
+        made for it are shared with other pods and go only once empty."""
+        if not made.parent:
+            return
+        self.remove_pause(made.parent, sandbox_id)
+        own = [d for d in made.created if d.endswith(made.parent)]
+        with self._lock:
+            if own:
+                remove_when_empty(self.cgroups, made.parent)
+                self.cgroups.remove_dirs(own)
+            for directory in sorted(set(made.created) - set(own), key=len, reverse=True):
+                with contextlib.suppress(CgroupBusy):
+                    self.cgroups.remove_dirs([directory])
+
+    def sweep(self, sandbox_id: str, run_dir: Path) -> None:
+        """For a Run the daemon died in: what its note names."""
+        try:
+            parent, *created = json.loads((run_dir / NOTE).read_bytes())
+        except (OSError, ValueError):
+            return
+        try:
+            self.remove(sandbox_id, PodCgroup(str(parent), tuple(str(d) for d in created)))
+        except ShimError as exc:
+            log.warning("event=cgroup_sweep_failed sandbox=%s reason=%r", sandbox_id, str(exc))
+
+
+def remove_when_empty(cgroups: Cgroups, path: str, timeout: float = 2.0) -> None:
+    """Remove a cgroup of a stopped pod. A process still in it is the pod's (nothing
+    else is ever put there, and a reused pid cannot move in): it is killed. A dead one
+    stays listed until its parent reaps it, after a daemon restart PID 1: waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cgroups.remove(path)
+            return
+        except CgroupBusy as busy:
+            if time.monotonic() > deadline:
+                raise
+            for pid in busy.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
