@@ -344,3 +344,37 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("step", [f"container-{s}" for s in ("rootfs", "spec", "create", "save")])
+def test_a_create_the_daemon_died_in_is_swept_on_restart(
+    daemon_factory: type[Daemon], busybox: Path, step: str
+) -> None:
+    d = daemon_factory(extra_args=["--fail-at", f"crash:{step}"])  # type: ignore[call-arg]
+    import_image(d, busybox)
+    sandbox_id, _ = pod(d, "crun")
+    with pytest.raises(grpc.RpcError) as err:
+        create(d, sandbox_id, container_config("x"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert d.proc is not None and d.proc.wait(timeout=10) == 70
+    d.start(extra_args=[])
+    assert d.runtime.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers == []
+    assert [m for m in mounts_under(d.base) if m[1] == "overlay"] == []
+    assert list((d.run_root / "containers").iterdir()) == []
+    assert not any(str(d.base) in _cmdline(p) for p in conmon_pids())
+    leaves = {c.rsplit("/", 1)[-1] for c in cgroups_under(d.cgroup_root) if not c.endswith(d.cgroup_root)}
+    assert {leaf for leaf in leaves if leaf.startswith("pyshim-")} == {f"pyshim-{sandbox_id}"}
+    assert run(d, sandbox_id, container_config("x"))  # the name was never taken
+
+
+def test_a_failed_start_is_an_exited_container(daemon_factory: type[Daemon], busybox: Path) -> None:
+    d = daemon_factory(extra_args=["--fail-at", "container-start"])  # type: ignore[call-arg]
+    import_image(d, busybox)
+    sandbox_id, _ = pod(d, "crun")
+    container_id = create(d, sandbox_id, container_config("x"))
+    with pytest.raises(grpc.RpcError) as err:
+        start(d, container_id)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    st = wait_state(d, container_id, api_pb2.CONTAINER_EXITED)
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 128, "StartError")
+    d.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id), timeout=30)
