@@ -6,9 +6,10 @@ import base64
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 from google.protobuf import json_format
@@ -49,22 +50,32 @@ def pod_sandbox(record: SandboxRecord) -> api_pb2.PodSandbox:
     )
 
 
-# A record never changes (updates replace it), so its encoded list entry can be kept
-# for as long as the record lives: kubelet lists every second.
-_LIST_ENTRIES: WeakKeyDictionary[SandboxRecord, bytes] = WeakKeyDictionary()
+R = TypeVar("R")
 
 
-def list_pod_sandbox_response(records: list[SandboxRecord]) -> bytes:
-    """An encoded ListPodSandboxResponse, from cached per-record entries."""
-    parts = []
-    for record in records:
-        entry = _LIST_ENTRIES.get(record)
-        if entry is None:
-            # One-item response: exactly the bytes of one `items` field.
-            entry = api_pb2.ListPodSandboxResponse(items=[pod_sandbox(record)]).SerializeToString()
-            _LIST_ENTRIES[record] = entry
-        parts.append(entry)
-    return b"".join(parts)
+class EncodedList(Generic[R]):
+    """A list response encoded from cached per-record entries. A record never
+    changes (updates replace it), so its entry (a one-item response: exactly the bytes
+    of one repeated field) is kept as long as the record lives: kubelet lists every
+    second, and a list is then a filter and a join."""
+
+    def __init__(self, entry: Callable[[R], bytes]) -> None:
+        self._entry = entry
+        self._cache: WeakKeyDictionary[R, bytes] = WeakKeyDictionary()
+
+    def __call__(self, records: Iterable[R]) -> bytes:
+        parts = []
+        for record in records:
+            entry = self._cache.get(record)
+            if entry is None:
+                entry = self._cache[record] = self._entry(record)
+            parts.append(entry)
+        return b"".join(parts)
+
+
+list_pod_sandbox_response: EncodedList[SandboxRecord] = EncodedList(
+    lambda r: api_pb2.ListPodSandboxResponse(items=[pod_sandbox(r)]).SerializeToString()
+)
 
 
 def _network(record: SandboxRecord) -> api_pb2.PodSandboxNetworkStatus | None:
@@ -210,19 +221,9 @@ def container(record: ContainerRecord) -> api_pb2.Container:
     )
 
 
-_CONTAINER_ENTRIES: WeakKeyDictionary[ContainerRecord, bytes] = WeakKeyDictionary()
-
-
-def list_containers_response(records: list[ContainerRecord]) -> bytes:
-    """An encoded ListContainersResponse, from cached per-record entries."""
-    parts = []
-    for record in records:
-        entry = _CONTAINER_ENTRIES.get(record)
-        if entry is None:
-            entry = api_pb2.ListContainersResponse(containers=[container(record)]).SerializeToString()
-            _CONTAINER_ENTRIES[record] = entry
-        parts.append(entry)
-    return b"".join(parts)
+list_containers_response: EncodedList[ContainerRecord] = EncodedList(
+    lambda r: api_pb2.ListContainersResponse(containers=[container(r)]).SerializeToString()
+)
 
 
 def container_status(record: ContainerRecord) -> api_pb2.ContainerStatus:

@@ -15,7 +15,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -53,6 +53,23 @@ def identify(pid: int) -> ProcessIdentity | None:
     if fields is None or fields[0] in ("Z", "X"):
         return None
     return ProcessIdentity(pid=pid, start_time=int(fields[19]), boot_id=boot_id())
+
+
+def with_argv(program: str, *args: str) -> Iterator[int]:
+    """Pids of live processes started as `program` with `args` next to each other in
+    their argv (e.g. "--id", ID): how the sweep finds what a dead daemon started."""
+    head = f"{program}\0".encode()
+    marker = ("\0" + "\0".join(args) + "\0").encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline.startswith(head) and marker in cmdline:
+            yield int(entry.name)
 
 
 def become_subreaper() -> None:

@@ -185,7 +185,7 @@ class SandboxManager:
             files = write_pod_files(
                 run_dir, hostname, pod_network.ip if pod_network else node_address(), spec.dns
             )
-            record = self._record(sandbox_id, spec, spawned, made, pod_network, files)
+            record = self._record(spec, made, SandboxState.READY, files)
             self._inject("save")
             made.undo("delete_record", self.store.delete, sandbox_id)
             self.store.save(record)
@@ -241,43 +241,13 @@ class SandboxManager:
         spawned.netlink.close()
         return pod_network
 
-    def _record(
-        self,
-        sandbox_id: str,
-        spec: SandboxSpec,
-        spawned: SpawnedPause,
-        made: _Made,
-        pod_network: PodNetwork | None,
-        files: dict[str, str],
-    ) -> SandboxRecord:
+    @staticmethod
+    def _record(spec: SandboxSpec, made: _Made, state: SandboxState, files: dict[str, str]) -> SandboxRecord:
+        """What is made so far, as a record: a READY pod, or the remains of a failed undo."""
         return SandboxRecord(
-            id=sandbox_id,
-            metadata=spec.metadata,
-            state=SandboxState.READY,
-            created_at=time.time_ns(),
-            modes=spec.modes,
-            runtime_handler=spec.runtime_handler,
-            hostname=spec.hostname,
-            log_directory=spec.log_directory,
-            labels=spec.labels,
-            annotations=spec.annotations,
-            pause=spawned.identity,
-            namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
-            network=pod_network,
-            files=files,
-            cgroup_parent=made.cgroup.parent,
-            cgroup_created=made.cgroup.created,
-            shm=made.shm,
-            config=spec.config,
-        )
-
-    def _keep_remains(self, spec: SandboxSpec, made: _Made) -> None:
-        """An undo failed: what is left stays known as a NOTREADY sandbox that Stop
-        and Remove can finish (its name stays taken until then)."""
-        record = SandboxRecord(
             id=made.sandbox_id,
             metadata=spec.metadata,
-            state=SandboxState.NOTREADY,
+            state=state,
             created_at=time.time_ns(),
             modes=spec.modes,
             runtime_handler=spec.runtime_handler,
@@ -288,11 +258,17 @@ class SandboxManager:
             pause=made.pause.identity if made.pause else None,
             namespaces=namespaces.NamespacePaths.of(dict(made.pins)),
             network=made.network,
+            files=files,
             cgroup_parent=made.cgroup.parent,
             cgroup_created=made.cgroup.created,
             shm=made.shm,
             config=spec.config,
         )
+
+    def _keep_remains(self, spec: SandboxSpec, made: _Made) -> None:
+        """An undo failed: what is left stays known as a NOTREADY sandbox that Stop
+        and Remove can finish (its name stays taken until then)."""
+        record = self._record(spec, made, SandboxState.NOTREADY, {})
         try:
             self.store.save(record)
         except OSError:

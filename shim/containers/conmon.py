@@ -31,7 +31,7 @@ from pathlib import Path
 from shim.cgroups import Cgroups
 from shim.containers.runtime import Runtime
 from shim.errors import FailedPrecondition, Internal
-from shim.procs import ProcessIdentity, TrackedProcess, identify
+from shim.procs import ProcessIdentity, TrackedProcess, identify, with_argv
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +247,4 @@ def reopen_log(bundle: Path, log_path: str, timeout: float = 5.0) -> bool:
 
 def monitors_of(container_id: str) -> Iterator[int]:
     """Pids of conmons started for this container id (from their argv): for the sweep."""
-    marker = f"\0-c\0{container_id}\0".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if cmdline.startswith(b"conmon\0") and marker in cmdline:
-            yield int(entry.name)
+    return with_argv("conmon", "-c", container_id)

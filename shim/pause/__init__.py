@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.errors import Internal, InvalidArgument
-from shim.procs import ProcessIdentity, identify
+from shim.procs import ProcessIdentity, identify, with_argv
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,4 @@ def _read_report(sock: socket.socket, spawned: int, orders: PauseOrders, timeout
 
 def pauses_of(sandbox_id: str) -> Iterator[int]:
     """Pids of pyshim-pause processes started for this sandbox id (from their argv)."""
-    marker = f"\0--id\0{sandbox_id}\0".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if cmdline.startswith(b"pyshim-pause\0") and marker in cmdline:
-            yield int(entry.name)
+    return with_argv(PAUSE_NAME, "--id", sandbox_id)
