@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, fields
 
 from cgrouptools import cgroups_under
-from conftest import Daemon, mounts_under, reap_our_zombies
+from conftest import Daemon, live_pids, mounts_under, reap_our_zombies
 
 from shim._proto import api_pb2
 
@@ -69,19 +69,7 @@ def our_pauses() -> frozenset[int]:
     """Live pyshim-pause processes descended from this test process (through a
     daemon, or re-parented to us after a daemon died: we are a subreaper)."""
     me = os.getpid()
-    found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        live = "(pyshim-pause)" in stat and stat.rsplit(")", 1)[1].split()[0] not in "ZX"
-        if live and me in _ancestors(int(entry.name)):
-            found.add(int(entry.name))
-    return frozenset(found)
+    return frozenset(pid for pid in live_pids("pyshim-pause") if me in _ancestors(pid))
 
 
 def _names(path: os.PathLike[str] | str) -> frozenset[str]:

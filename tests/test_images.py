@@ -13,6 +13,7 @@ import grpc
 import pytest
 from badregistry import BadRegistry
 from conftest import Daemon
+from containertools import static_busybox
 from imagetools import (
     Registry,
     daemon_with_hosts,
@@ -286,19 +287,6 @@ def test_registry_with_token_auth(daemon: Daemon, tmp_path: Path) -> None:
         tokens.stop()
 
 
-def static_busybox() -> bytes:
-    """The busybox of Debian's busybox-static package (scripts/install-system-deps test installs
-    it): static, so it runs chrooted in a root filesystem that has no libraries."""
-    import subprocess
-
-    listed = subprocess.run(
-        ["dpkg-query", "-L", "busybox-static"], capture_output=True, text=True, check=False
-    )
-    paths = [line for line in listed.stdout.splitlines() if line.endswith("bin/busybox")]
-    assert paths, "busybox-static is not installed: run scripts/install-system-deps test"
-    return Path(paths[0]).read_bytes()
-
-
 def test_pulled_busybox_image_becomes_a_working_rootfs(
     daemon: Daemon, registry: Registry, tmp_path: Path
 ) -> None:
@@ -308,7 +296,7 @@ def test_pulled_busybox_image_becomes_a_working_rootfs(
     from shim.images.layers import LayerStore
     from shim.images.store import ImageStore
 
-    busybox = static_busybox()
+    busybox = static_busybox().read_bytes()
     base = layer_tar({"bin/": None, "etc/": None, "etc/old": b"old\n", "opt/": None, "opt/a": b"a\n"})
     base_bin = layer_tar({"bin/busybox": busybox}, mode=0o755)
     top = layer_tar({"etc/.wh.old": b"", "opt/.wh..wh..opq": b"", "opt/b": b"b\n"})
