@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # How long a concurrent duplicate RunPodSandbox waits for the first one.
 _DUPLICATE_WAIT = 240.0
+# The grace period a pod's running containers get when the pod is stopped, and the time
+# kept from the caller's deadline for what follows it (SIGKILL, the pause, the network).
+POD_STOP_GRACE = 10.0
+KILL_MARGIN = 2.0
 # A pod's /dev/shm, as containerd sizes it.
 SHM_SIZE = "64m"
 
@@ -77,15 +81,15 @@ class ListFilter:
 class PodContainers(Protocol):
     """What the sandbox lifecycle needs from the containers of a pod."""
 
-    def stop_all(self, sandbox_id: str) -> None:
-        """Stop every container of the pod, each with its own grace period."""
+    def stop_all(self, sandbox_id: str, grace: float) -> None:
+        """Stop every container of the pod: the stop signal, `grace` seconds, SIGKILL."""
         ...
 
     def remove_all(self, sandbox_id: str) -> None: ...
 
 
 class _NoContainers:
-    def stop_all(self, sandbox_id: str) -> None:
+    def stop_all(self, sandbox_id: str, grace: float) -> None:
         pass
 
     def remove_all(self, sandbox_id: str) -> None:
@@ -316,20 +320,23 @@ class SandboxManager:
 
     # ---- StopPodSandbox / RemovePodSandbox ----------------------------------------
 
-    def stop(self, sandbox_id: str) -> None:
+    def stop(self, sandbox_id: str, deadline: float | None = None) -> None:
         """Stop the pod's containers, then kill the pause and release its namespaces
-        and network. Unknown ids and repeats succeed."""
+        and network. Unknown ids and repeats succeed. `deadline` (seconds the caller
+        waits) bounds the containers' grace period."""
         sandbox = self.registry.find(sandbox_id)
         if sandbox is None:
             return
         with sandbox.lock:
             if not sandbox.removed:
-                self._stop_locked(sandbox)
+                self._stop_locked(sandbox, deadline)
 
-    def _stop_locked(self, sandbox: Sandbox) -> None:
+    def _stop_locked(self, sandbox: Sandbox, deadline: float | None) -> None:
         # First: in a POD pid namespace the pause's death kills every container at
-        # once, and each container is owed its own grace period.
-        self.containers.stop_all(sandbox.id)
+        # once, and each container is owed its grace period (CRI-O's: 10 s, or what
+        # the caller's deadline leaves, all at once; kubelet stops them before anyway).
+        grace = POD_STOP_GRACE if deadline is None else max(0.0, min(POD_STOP_GRACE, deadline - KILL_MARGIN))
+        self.containers.stop_all(sandbox.id, grace)
         record = sandbox.record
         if (
             record.state is SandboxState.NOTREADY
@@ -370,7 +377,7 @@ class SandboxManager:
             self._update(sandbox, lambda r: _stopped(r, network_gone, pins_gone))
         log.info("event=sandbox_stopped sandbox=%s", record.id)
 
-    def remove(self, sandbox_id: str) -> None:
+    def remove(self, sandbox_id: str, deadline: float | None = None) -> None:
         """Stop if needed, remove the pod's containers, then delete every trace.
         Unknown ids and repeats succeed."""
         sandbox = self.registry.find(sandbox_id)
@@ -379,7 +386,7 @@ class SandboxManager:
         with sandbox.lock:
             if sandbox.removed:
                 return
-            self._stop_locked(sandbox)
+            self._stop_locked(sandbox, deadline)
             self.containers.remove_all(sandbox.id)
             record = sandbox.record
             self.pod_cgroups.remove(record.id, PodCgroup(record.cgroup_parent, record.cgroup_created))

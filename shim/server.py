@@ -151,14 +151,14 @@ class RuntimeService:
     def StopPodSandbox(
         self, request: api_pb2.StopPodSandboxRequest, context: grpc.ServicerContext
     ) -> api_pb2.StopPodSandboxResponse:
-        self.sandboxes.stop(_required_id(request.pod_sandbox_id))
+        self.sandboxes.stop(_required_id(request.pod_sandbox_id), context.time_remaining())
         return api_pb2.StopPodSandboxResponse()
 
     @rpc
     def RemovePodSandbox(
         self, request: api_pb2.RemovePodSandboxRequest, context: grpc.ServicerContext
     ) -> api_pb2.RemovePodSandboxResponse:
-        self.sandboxes.remove(_required_id(request.pod_sandbox_id))
+        self.sandboxes.remove(_required_id(request.pod_sandbox_id), context.time_remaining())
         return api_pb2.RemovePodSandboxResponse()
 
     @rpc

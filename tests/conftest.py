@@ -370,6 +370,11 @@ class Daemon:
         api_ok = False
         try:
             if self.proc is not None and self.proc.poll() is None and self.channel is not None:
+                # As kubelet: containers stopped first (here at once), then their pods removed.
+                for ctr in self.runtime.ListContainers(
+                    api_pb2.ListContainersRequest(), timeout=10
+                ).containers:
+                    self.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=ctr.id), timeout=30)
                 for pod in self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items:
                     self.runtime.RemovePodSandbox(
                         api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=30

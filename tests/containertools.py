@@ -102,9 +102,13 @@ def import_image(daemon: Daemon, archive: Path, name: str = IMAGE) -> str:
     return done.stdout.split()[0]
 
 
+# Ends on SIGTERM, as a well-behaved container does: busybox's sleep as PID 1 would not.
+SLEEPER = ("sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait")
+
+
 def container_config(
     name: str,
-    command: Iterable[str] = ("sleep", "3600"),
+    command: Iterable[str] = SLEEPER,
     *,
     image: str = IMAGE,
     args: Iterable[str] = (),

@@ -100,7 +100,7 @@ def test_containers_join_the_pods_namespaces(cdaemon: Daemon, handler: str) -> N
 
 def test_container_pid_mode_has_its_own_pid_namespace(cdaemon: Daemon, handler: str) -> None:
     sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.CONTAINER)
-    container_id = run(cdaemon, sandbox_id, container_config("own"))
+    container_id = run(cdaemon, sandbox_id, container_config("own", ["sleep", "3600"]))
     assert exec_sync(cdaemon, container_id, "cat", "/proc/1/comm").stdout == b"sleep\n"
     pid = pid_of(cdaemon, container_id)
     assert os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
@@ -204,7 +204,9 @@ def test_exec_sync(cdaemon: Daemon, handler: str) -> None:
     # A shared pid namespace: the pause (PID 1) reaps what a killed command orphans, as
     # no init in a container of its own would (sleep 3600 here).
     sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.POD)
-    container_id = run(cdaemon, sandbox_id, container_config("box", envs={"GREETING": "hello"}))
+    container_id = run(
+        cdaemon, sandbox_id, container_config("box", ["sleep", "3600"], envs={"GREETING": "hello"})
+    )
     result = exec_sync(cdaemon, container_id, "sh", "-c", "echo $GREETING; echo oops >&2; exit 3")
     assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 3)
     begin = time.monotonic()
@@ -227,7 +229,7 @@ def test_exec_sync(cdaemon: Daemon, handler: str) -> None:
 def test_exec_timeout_leaves_no_zombie_in_a_pid_namespace_of_its_own(cdaemon: Daemon, handler: str) -> None:
     """critest's case: the runtime's client must live to reap the command it started."""
     sandbox_id, _ = pod(cdaemon, handler, pid=api_pb2.CONTAINER)
-    container_id = run(cdaemon, sandbox_id, container_config("box"))
+    container_id = run(cdaemon, sandbox_id, container_config("box", ["sleep", "3600"]))
     with pytest.raises(grpc.RpcError) as err:
         exec_sync(cdaemon, container_id, "sleep", "4321", timeout=1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -378,3 +380,20 @@ def test_a_failed_start_is_an_exited_container(daemon_factory: type[Daemon], bus
     st = wait_state(d, container_id, api_pb2.CONTAINER_EXITED)
     assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 128, "StartError")
     d.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id), timeout=30)
+
+
+def test_stopping_a_pod_stops_its_containers_within_the_callers_deadline(cdaemon: Daemon) -> None:
+    """Each running container gets the stop signal and a grace period (10 s, or what
+    the caller's deadline leaves, all at once) before its pause goes."""
+    sandbox_id, _ = pod(cdaemon, "crun", pid=api_pb2.POD)
+    polite = run(cdaemon, sandbox_id, container_config("polite"))
+    stubborn = run(
+        cdaemon, sandbox_id, container_config("stubborn", ["sh", "-c", "trap '' TERM; sleep 3600"])
+    )
+    time.sleep(0.3)
+    begin = time.monotonic()
+    cdaemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=5)
+    took = time.monotonic() - begin
+    assert 2.5 <= took < 5  # the stubborn one waited out the grace (5 s less the margin), together
+    assert status(cdaemon, polite).status.exit_code == 0  # SIGTERM, handled: a clean exit
+    assert status(cdaemon, stubborn).status.exit_code == 137

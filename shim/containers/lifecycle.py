@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 
 # After SIGKILL, how long a container may take to be gone before Stop gives up.
 KILL_WAIT = 10.0
-# The grace period containers of a pod get when the pod is stopped (as CRI-O, in parallel).
-POD_STOP_GRACE = 10.0
 
 
 @dataclass(eq=False)
@@ -443,8 +441,8 @@ class ContainerManager:
 
     # ---- the pod's containers (hooks for the sandbox lifecycle) -----------------------
 
-    def stop_all(self, sandbox_id: str) -> None:
-        """Every container of the pod gets its grace period, all at once (as CRI-O)."""
+    def stop_all(self, sandbox_id: str, grace: float) -> None:
+        """Every running container of the pod gets `grace`, all at once (as CRI-O)."""
         running = [
             c
             for c in self.registry.entries()
@@ -453,7 +451,7 @@ class ContainerManager:
         if not running:
             return
         with ThreadPoolExecutor(max_workers=min(len(running), 16), thread_name_prefix="stop") as pool:
-            for future in [pool.submit(self.stop, c.id, POD_STOP_GRACE) for c in running]:
+            for future in [pool.submit(self.stop, c.id, grace) for c in running]:
                 future.result()
 
     def remove_all(self, sandbox_id: str) -> None:
