@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # In a Run's dir: the pod's cgroup and what was made for it, until the record says so.
 NOTE = "cgroup.json"
+PAUSE_LIMITS = Limits(cpu_shares=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +65,24 @@ class PodCgroups:
         return made
 
     def join_pause(self, parent: str, sandbox_id: str, pid: int) -> None:
-        self.cgroups.join(pause_cgroup(parent, sandbox_id), pid)
+        path = pause_cgroup(parent, sandbox_id)
+        self.cgroups.join(path, pid)
+        # The pause only sleeps: the least CPU weight, as containerd gives its sandbox.
+        self.cgroups.set_limits(path, PAUSE_LIMITS)
 
     def remove_pause(self, parent: str, sandbox_id: str) -> None:
         remove_when_empty(self.cgroups, pause_cgroup(parent, sandbox_id))
 
     def remove(self, sandbox_id: str, made: PodCgroup) -> None:
-        """Remove the pause's cgroup and what pyshim made for the pod's: the pod's own
-        directories must go (processes left in them are the pod's: killed); ancestors
-        made for it are shared with other pods and go only once empty."""
+        """Remove the pause's cgroup, then exactly the directories pyshim made for the
+        pod's. One that holds someone else's cgroups by now (a later sandbox of the same
+        pod, which kubelet makes in the same parent; other pods under a shared ancestor)
+        is left to them; a cgroup kubelet made is never touched."""
         if not made.parent:
             return
         self.remove_pause(made.parent, sandbox_id)
-        own = [d for d in made.created if d.endswith(made.parent)]
         with self._lock:
-            if own:
-                remove_when_empty(self.cgroups, made.parent)
-                self.cgroups.remove_dirs(own)
-            for directory in sorted(set(made.created) - set(own), key=len, reverse=True):
-                with contextlib.suppress(CgroupBusy):
-                    self.cgroups.remove_dirs([directory])
+            self.cgroups.remove_dirs(list(made.created))
 
     def sweep(self, sandbox_id: str, run_dir: Path) -> None:
         """For a Run the daemon died in: what its note names."""

@@ -429,6 +429,13 @@ class Daemon:
         # Once every pod was removed through the API (none was left unloadable), no cgroup may stay.
         removed_all = api_ok and not list((self.root / "sandboxes").glob("*.json"))
         assert not removed_all or cgroups_left == [], f"cgroups left: {cgroups_left}"
+        if removed_all:
+            # Every container went with its pod: no record, root filesystem, bundle or link.
+            dirs = (self.root / "containers", self.root / "rootfs", self.run_root / "containers")
+            files_left = [
+                str(f) for d in (*dirs, self.run_root / "attach") if d.is_dir() for f in d.iterdir()
+            ]
+            assert files_left == [], f"container files left: {files_left}"
 
     @property
     def nft(self) -> list[str]:

@@ -58,6 +58,7 @@ def test_pyshim_makes_the_pod_cgroup_when_none_is_named_and_removes_it(cdaemon: 
     pause = info_of_pod(cdaemon, sandbox_id)["pid"]
     for controller in ("memory", "pids", "name=systemd"):
         assert cgroup_of(pause, controller) == f"{parent}/pyshim-{sandbox_id}"
+    assert Path(f"/sys/fs/cgroup/cpu{parent}/pyshim-{sandbox_id}/cpu.shares").read_text().strip() == "2"
     assert memory_limit(parent) == 320 * 1024 * 1024  # resources plus overhead: pyshim made it
     container_id = run(cdaemon, sandbox_id, container_config("c"))
     pid = info(cdaemon, container_id)["pid"]
@@ -88,6 +89,36 @@ def test_a_cgroup_parent_kubelet_made_is_left_to_kubelet(cdaemon: Daemon) -> Non
         assert sorted(cgroups_under(parent)) == sorted(d for d in made if d.endswith(parent))
     finally:
         remove_cgroups_under(f"/pyshim-test-kube{cdaemon.tag}")
+
+
+def test_a_later_sandbox_of_the_same_pod_keeps_the_cgroups_it_shares(cdaemon: Daemon) -> None:
+    """kubelet makes a pod's cgroup in every hierarchy but devices, and a replaced
+    sandbox (its pause died) is removed while the next one of the pod lives in the
+    same parent: the removal succeeds, and leaves the live one's cgroups alone."""
+    cgroups = Cgroups()
+    top = f"/pyshim-test-kube{cdaemon.tag}"
+    parent = f"{top}/burstable/podabc"
+    for directory in reversed(cgroups.make(parent)):
+        if "/devices/" in directory:
+            Path(directory).rmdir()
+    try:
+        first_config, second_config = pod_config(name="web"), pod_config(name="web", attempt=1)
+        for config in (first_config, second_config):
+            config.metadata.uid = "podabc"
+            config.linux.cgroup_parent = parent
+        first = run_pod(cdaemon, first_config)
+        second = run_pod(cdaemon, second_config)
+        run(cdaemon, second, container_config("c"))
+        cdaemon.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=first), timeout=60)
+        pause = info_of_pod(cdaemon, second)["pid"]
+        assert cgroup_of(pause, "devices") == f"{parent}/pyshim-{second}"
+        assert cgroup_of(pause, "memory") == f"{parent}/pyshim-{second}"
+        assert [d for d in cgroups_under(top) if first in d] == []
+        cdaemon.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=second), timeout=60)
+        assert [d for d in cgroups_under(parent) if d.rsplit("/", 1)[-1].startswith("pyshim-")] == []
+        assert Path(f"/sys/fs/cgroup/memory{parent}").is_dir()  # kubelet's, left to kubelet
+    finally:
+        remove_cgroups_under(top)
 
 
 def test_update_container_resources_changes_limits_live(cdaemon: Daemon) -> None:

@@ -397,3 +397,17 @@ def test_stopping_a_pod_stops_its_containers_within_the_callers_deadline(cdaemon
     assert 2.5 <= took < 5  # the stubborn one waited out the grace (5 s less the margin), together
     assert status(cdaemon, polite).status.exit_code == 0  # SIGTERM, handled: a clean exit
     assert status(cdaemon, stubborn).status.exit_code == 137
+
+
+def test_status_names_the_image_even_when_created_by_id(cdaemon: Daemon) -> None:
+    sandbox_id, _ = pod(cdaemon, "crun")
+    image_id = cdaemon.images.ImageStatus(
+        api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=IMAGE)), timeout=10
+    ).image.id
+    by_id = run(cdaemon, sandbox_id, container_config("byid", image=image_id))  # as kubelet sends it
+    st = status(cdaemon, by_id).status
+    assert (st.image.image, st.image_id) == (IMAGE, image_id)
+    asked = container_config("asked", image=image_id)
+    asked.image.user_specified_image = "busybox:1"
+    st = status(cdaemon, run(cdaemon, sandbox_id, asked)).status
+    assert st.image.image == "busybox:1"

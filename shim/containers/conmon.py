@@ -179,6 +179,11 @@ class Conmon:
             start.close()
 
 
+def forget(attach_dir: Path, container_id: str) -> None:
+    """conmon links <socket dir>/<id> to the bundle (for attach sockets): gone with it."""
+    (attach_dir / container_id).unlink(missing_ok=True)
+
+
 def _read_line(sock: socket.socket, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     data = b""

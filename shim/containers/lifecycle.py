@@ -30,7 +30,7 @@ from shim.containers import mounts as container_mounts
 from shim.containers import spec as oci
 from shim.containers import sweep
 from shim.containers import validate as container_validate
-from shim.containers.conmon import Conmon, Exit, read_exit, reopen_log
+from shim.containers.conmon import Conmon, Exit, forget, read_exit, reopen_log
 from shim.containers.exec import ExecResult, exec_sync
 from shim.containers.record import (
     ContainerRecord,
@@ -196,6 +196,7 @@ class ContainerManager:
             # Registered before launch: a runtime that fails halfway may leave its state and cgroups.
             undo.add("container-cgroups", self._remove_cgroups, cgroup)
             undo.add("container-runtime", runtime.delete, container_id)
+            undo.add("container-attach", forget, self.conmon.attach_dir, container_id)
             launched = self.conmon.launch(
                 runtime,
                 container_id,
@@ -215,7 +216,7 @@ class ContainerManager:
                 attempt=spec.attempt,
                 state=ContainerState.CREATED,
                 created_at=time.time_ns(),
-                image=spec.image,
+                image=_image_name(spec, image),
                 image_id=image.id,
                 image_ref=image.repo_digests[0] if image.repo_digests else image.id,
                 runtime_handler=runtime.handler,
@@ -429,6 +430,7 @@ class ContainerManager:
             container.monitor.kill_and_reap()
         self._remove_cgroups(record.cgroup)
         self.layers.release(record.id)
+        forget(self.conmon.attach_dir, record.id)
         shutil.rmtree(self.bundle(record.id), ignore_errors=True)
         with container.state_lock:
             container.removed = True  # first: a late exit must not write the record again
@@ -625,6 +627,7 @@ class ContainerManager:
         """Bundles and root filesystems without a record are Creates the daemon died in."""
         sweep.unrecorded(
             self.config.run_containers_dir,
+            self.conmon.attach_dir,
             self.store.ids(),
             list({r.handler: r for r in self.runtimes.values()}.values()),
             self.layers,
@@ -639,6 +642,15 @@ def container_cgroup(pod_cgroup: str, container_id: str) -> str:
 def monitor_cgroup(pod_cgroup: str, container_id: str) -> str:
     """conmon's own cgroup, under the pod's (CRI-O's conmon_cgroup = "pod")."""
     return f"{pod_cgroup}/pyshim-conmon-{container_id}"
+
+
+def _image_name(spec: oci.ContainerSpec, image: ImageRecord) -> str:
+    """The name status shows (as containerd): what the user asked for, else the image's
+    first tag when the request named it by id (kubelet does), else what it sent."""
+    if spec.config.image.user_specified_image:
+        return spec.config.image.user_specified_image
+    named_by_id = image.id.removeprefix("sha256:").startswith(spec.image.removeprefix("sha256:"))
+    return image.repo_tags[0] if named_by_id and image.repo_tags else spec.image
 
 
 def _node_hostname(pod: SandboxRecord) -> str:

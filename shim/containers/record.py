@@ -58,7 +58,7 @@ class ContainerRecord:
     attempt: int
     state: ContainerState
     created_at: int  # nanoseconds since the epoch, as all times here
-    image: str  # as the request named it
+    image: str  # its name, as the request gave it (by id: the first tag)
     image_id: str  # sha256:<config digest>
     image_ref: str  # a repo digest of the image, else its id
     runtime_handler: str

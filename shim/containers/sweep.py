@@ -2,7 +2,8 @@
 
 A bundle dir (the intent marker of a Create) or a root filesystem without a record
 is undone by what it names: its conmon (found by argv), the runtimes' state of its
-id, its cgroups (config.json names them), its overlay, the dir itself.
+id, its cgroups (config.json names them), its overlay, conmon's attach link, the
+dir itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from shim.containers.conmon import monitors_of
+from shim.containers.conmon import forget, monitors_of
 from shim.containers.runtime import Runtime
 from shim.errors import ShimError
 from shim.images.layers import LayerStore
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def unrecorded(
     bundles: Path,
+    attach_dir: Path,
     recorded: set[str],
     runtimes: list[Runtime],
     layers: LayerStore,
@@ -39,6 +41,9 @@ def unrecorded(
         if is_id(rootfs.name) and rootfs.name not in recorded:
             with contextlib.suppress(ShimError):
                 layers.release(rootfs.name)
+    for link in attach_dir.iterdir():
+        if is_id(link.name) and link.name not in recorded:
+            forget(attach_dir, link.name)
 
 
 def _sweep(
