@@ -25,9 +25,9 @@ ARENA_MAX = 2
 LARGE_REQUEST = 256 * 1024
 # Trims are batched: a burst costs one, shortly after it ends.
 _TRIM_DELAY = 0.5
-# Without large decoded requests, a trim when resident memory grew this much in a check interval.
+# Without large decoded requests, a trim when resident memory grew this much since the last one.
 _CHECK_INTERVAL = 5.0
-_GROWTH = 16 * 1024 * 1024
+_GROWTH = 8 * 1024 * 1024
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,12 +52,16 @@ def note_request(size: int) -> None:
 
 def _trimmer() -> None:
     baseline = _rss()
+    again = False  # a second pass after a burst: replies still in flight free memory late
     while True:
         if _pending.wait(_CHECK_INTERVAL):
             # Wait for the burst to end: requests still arriving set the flag again.
             while _pending.wait(_TRIM_DELAY):
                 _pending.clear()
                 threading.Event().wait(_TRIM_DELAY)
+            again = True
+        elif again:
+            again = False
         elif _rss() - baseline < _GROWTH:
             # Requests the transport refused (too large) are never decoded, so they never
             # set the flag: growth since the last trim is what tells of them.
