@@ -131,6 +131,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
+        "--stream-address",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address of the streaming server that Exec, Attach and PortForward URLs point to",
+    )
+    serve.add_argument(
+        "--stream-port", type=int, default=0, metavar="PORT", help="its port; 0: an ephemeral one"
+    )
+    serve.add_argument(
+        "--stream-tls-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve streams over TLS: certificate",
+    )
+    serve.add_argument(
+        "--stream-tls-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve streams over TLS: private key",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; unset: no metrics",
+    )
+    serve.add_argument(
         "--fail-at",
         action="append",
         default=None,
@@ -193,6 +222,11 @@ def _config(args: argparse.Namespace) -> Config:
         registry_config_dir=args.registry_config_dir.absolute(),
         fail_at=tuple(args.fail_at or ()),
         log_level=args.log_level,
+        stream_address=args.stream_address,
+        stream_port=args.stream_port,
+        stream_tls_cert=args.stream_tls_cert.absolute() if args.stream_tls_cert else None,
+        stream_tls_key=args.stream_tls_key.absolute() if args.stream_tls_key else None,
+        metrics_address=args.metrics_address,
     )
 
 

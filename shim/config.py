@@ -63,6 +63,14 @@ class Config:
     # crash:STEP kills the daemon, undo:STEP makes that undo step of a rollback fail.
     fail_at: tuple[str, ...] = ()
     log_level: str = "info"
+    # Streaming server (Exec, Attach, PortForward URLs): address, port (0: ephemeral),
+    # and optional TLS.
+    stream_address: str = "127.0.0.1"
+    stream_port: int = 0
+    stream_tls_cert: Path | None = None
+    stream_tls_key: Path | None = None
+    # Prometheus metrics (HOST:PORT); empty: off.
+    metrics_address: str = ""
 
     @property
     def sandboxes_dir(self) -> Path:
