@@ -32,7 +32,7 @@ from shim.containers import validate as container_validate
 from shim.containers.conmon import Conmon
 from shim.containers.lifecycle import KILL_WAIT, ContainerManager
 from shim.containers.lifecycle import ListFilter as ContainerFilter
-from shim.containers.record import ContainerState
+from shim.containers.record import ContainerRecord, ContainerState
 from shim.containers.stats import Stats
 from shim.errors import FailedPrecondition, InvalidArgument
 from shim.images import Images
@@ -45,6 +45,8 @@ from shim.procs import ExitWatcher, OrphanReaper, become_subreaper
 from shim.rpc import fill_unimplemented, generic_handler, rpc
 from shim.sandbox import ListFilter, SandboxManager
 from shim.sandbox_record import SandboxRecord, SandboxState
+from shim.streaming import requests as streaming
+from shim.streaming.server import StreamServer, TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,24 @@ RUNTIME_API_VERSION = "v1"
 # memory. Replies may be larger (lists): kubelet's client accepts 16 MiB.
 MAX_REQUEST = 4 * 1024 * 1024 + 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
+MAX_FORWARDED_PORTS = 64
 _UNIX_PATH_MAX = 107
 
 
 class RuntimeService:
     def __init__(
-        self, config: Config, sandboxes: SandboxManager, containers: ContainerManager, stats: Stats
+        self,
+        config: Config,
+        sandboxes: SandboxManager,
+        containers: ContainerManager,
+        stats: Stats,
+        streams: StreamServer,
     ) -> None:
         self.config = config
         self.sandboxes = sandboxes
         self.containers = containers
         self.stats = stats
+        self.streams = streams
         # The unfiltered lists, encoded, and the generation each was made at: kubelet
         # relists every second and most seconds nothing changed.
         self._full_list: tuple[int, bytes] = (-1, b"")
@@ -108,10 +117,21 @@ class RuntimeService:
             "network": self.sandboxes.network.describe(),
             "pause": str(self.sandboxes.pause_path),
             "runtimeHandlers": {
-                name: {"runtime": str(r.binary), "root": str(r.root), "createProgram": str(r.create_program)}
+                name: {
+                    "runtime": str(r.binary),
+                    "version": runtimes.program_version(r.binary),
+                    "root": str(r.root),
+                    "createProgram": str(r.create_program),
+                }
                 for name, r in self.containers.runtimes.items()
                 if name
             },
+            "conmon": {
+                "program": str(self.containers.conmon.binary),
+                "version": runtimes.program_version(self.containers.conmon.binary),
+            },
+            "streamingServer": self.streams.base_url,
+            "config": _config_view(c),
             "defaultRuntimeHandler": self.containers.runtimes[""].handler,
             "cgroupDriver": "cgroupfs",
             "cgroups": self.containers.cgroups.mode,
@@ -306,6 +326,46 @@ class RuntimeService:
         )
 
     @rpc
+    def Exec(self, request: api_pb2.ExecRequest, context: grpc.ServicerContext) -> api_pb2.ExecResponse:
+        record = self._running(request.container_id)
+        _check_stdio(request.tty, request.stdin, request.stdout, request.stderr)
+        cmd = tuple(container_validate.command(request.cmd, "cmd"))
+        stored = streaming.ExecRequest(
+            record.id, cmd, request.tty, request.stdin, request.stdout, request.stderr
+        )
+        return api_pb2.ExecResponse(url=self.streams.url(stored))
+
+    @rpc
+    def Attach(self, request: api_pb2.AttachRequest, context: grpc.ServicerContext) -> api_pb2.AttachResponse:
+        record = self._running(request.container_id)
+        _check_stdio(request.tty, request.stdin, request.stdout, request.stderr)
+        stored = streaming.AttachRequest(
+            record.id, request.tty, request.stdin, request.stdout, request.stderr
+        )
+        return api_pb2.AttachResponse(url=self.streams.url(stored))
+
+    @rpc
+    def PortForward(
+        self, request: api_pb2.PortForwardRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PortForwardResponse:
+        record = self.sandboxes.get(_required_id(request.pod_sandbox_id))
+        if record.state is not SandboxState.READY:
+            raise FailedPrecondition(f"pod sandbox {record.id} is not ready: nothing to forward to")
+        if len(request.port) > MAX_FORWARDED_PORTS:
+            raise InvalidArgument(f"{len(request.port)} ports; at most {MAX_FORWARDED_PORTS} per request")
+        for port in request.port:
+            if not 0 < port < 65536:
+                raise InvalidArgument(f"port {port} is out of range (1-65535)")
+        stored = streaming.PortForwardRequest(record.id, tuple(request.port))
+        return api_pb2.PortForwardResponse(url=self.streams.url(stored))
+
+    def _running(self, container_id: str) -> ContainerRecord:
+        record = self.containers.get(validate.id_prefix(container_id, "container id"))
+        if record.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {record.id} is {record.state.value}, not running")
+        return record
+
+    @rpc
     def ContainerStats(
         self, request: api_pb2.ContainerStatsRequest, context: grpc.ServicerContext
     ) -> api_pb2.ContainerStatsResponse:
@@ -406,6 +466,26 @@ fill_unimplemented(RuntimeService, "RuntimeService")
 fill_unimplemented(ImageService, "ImageService")
 
 
+def _config_view(config: Config) -> dict[str, Any]:
+    """The effective configuration, as plain values (what an operator compares with the file)."""
+    view: dict[str, Any] = {}
+    for name in config.__dataclass_fields__:
+        value = getattr(config, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [list(map(str, v)) if isinstance(v, tuple) else str(v) for v in value]
+        view[name] = value
+    return view
+
+
+def _check_stdio(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:
+    if not (stdin or stdout or stderr):
+        raise InvalidArgument("one of stdin, stdout and stderr must be requested")
+    if tty and stderr:
+        raise InvalidArgument("tty and stderr cannot both be requested: a terminal has one output")
+
+
 def _required_id(value: str, what: str = "pod_sandbox_id") -> str:
     if not value:
         raise InvalidArgument(f"{what} is required")
@@ -488,6 +568,12 @@ class Daemon:
             conmon,
         )
         self.stats = Stats(self.cgroups, self.layers.mounts_dir)
+        self.streams = StreamServer(
+            config.stream_address,
+            config.stream_port,
+            streaming.Targets(self.sandboxes, self.containers),
+            _tls_files(config),
+        )
         self.server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -506,13 +592,15 @@ class Daemon:
         server.add_generic_rpc_handlers(
             (
                 generic_handler(
-                    RuntimeService(self.config, self.sandboxes, self.containers, self.stats), "RuntimeService"
+                    RuntimeService(self.config, self.sandboxes, self.containers, self.stats, self.streams),
+                    "RuntimeService",
                 ),
                 generic_handler(ImageService(self.config, self.images), "ImageService"),
             )
         )
         server.add_insecure_port(f"unix:{self.config.socket}")
         os.chmod(self.config.socket, 0o660)
+        self.streams.start()
         server.start()
         self.server = server
         log.info("event=serving socket=%s version=%s", self.config.socket, __version__)
@@ -521,12 +609,22 @@ class Daemon:
         """In-flight calls finish (up to `grace`); pods keep running."""
         if self.server is not None:
             self.server.stop(grace).wait()
+        self.streams.close()
         self.watcher.close()
         self.reaper.close()
         self.network.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
         log.info("event=stopped")
+
+
+def _tls_files(config: Config) -> TLSFiles | None:
+    cert, key = config.stream_tls_cert, config.stream_tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise InvalidArgument("--stream-tls-cert and --stream-tls-key go together")
+    return TLSFiles(cert, key)
 
 
 def serve(config: Config) -> int:

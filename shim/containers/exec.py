@@ -29,7 +29,7 @@ from shim.store import write_atomically
 MAX_OUTPUT = 7 * 1024 * 1024
 # After the command is killed, how long the runtime's client gets to reap it and exit.
 CLIENT_WAIT = 5.0
-_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +55,19 @@ def exec_sync(
     pid_file = bundle / f"exec-{token}.pid"
     process_file = bundle / f"exec-{token}.json"
     # Spelled out, as CRI-O does: crun's exec without --process runs as root in /.
-    write_atomically(process_file, json.dumps(_process(bundle, cmd)).encode(), durable=False)
+    write_atomically(process_file, json.dumps(process_for(bundle, cmd)).encode(), durable=False)
     proc = subprocess.Popen(
         runtime.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file), container_id),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_ENV,
+        env=ENV,
         start_new_session=True,
     )
     try:
         out, err, problem = _collect(proc, time.monotonic() + timeout if timeout > 0 else None)
         if problem is not None:
-            _kill(proc, pid_file, tasks)
+            kill_command(proc, pid_file, tasks)
             proc.wait()
             if problem == "timeout":
                 raise DeadlineExceeded(
@@ -83,14 +83,14 @@ def exec_sync(
         process_file.unlink(missing_ok=True)
 
 
-def _process(bundle: Path, cmd: list[str]) -> dict[str, Any]:
+def process_for(bundle: Path, cmd: list[str], terminal: bool = False) -> dict[str, Any]:
     """The container's `process` from its config.json, running `cmd`."""
     try:
         process = json.loads((bundle / "config.json").read_bytes())["process"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FailedPrecondition(f"the container's spec cannot be read: {exc}") from None
     process["args"] = list(cmd)
-    process["terminal"] = False
+    process["terminal"] = terminal
     return dict(process)
 
 
@@ -117,7 +117,7 @@ def _collect(proc: subprocess.Popen[bytes], deadline: float | None) -> tuple[byt
     return b"".join(chunks["stdout"]), b"".join(chunks["stderr"]), None
 
 
-def _kill(proc: subprocess.Popen[bytes], pid_file: Path, tasks: Callable[[], list[int]]) -> None:
+def kill_command(proc: subprocess.Popen[bytes], pid_file: Path, tasks: Callable[[], list[int]]) -> None:
     """The command and what it started (its process group, and its descendants in the
     container's cgroup: a runtime may put it in a group of its own), then the runtime's
     client."""

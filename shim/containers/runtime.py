@@ -8,6 +8,7 @@ conmon (shim.containers.conmon); everything else is run from here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -143,3 +144,15 @@ def load(handlers: tuple[tuple[str, str], ...], state_root: Path, hybrid_cgroups
         )
     runtimes[""] = runtimes[handlers[0][0]]
     return runtimes
+
+
+@functools.cache
+def program_version(program: Path) -> str:
+    """The first line of `PROGRAM --version` (for verbose status); "" if it says nothing."""
+    try:
+        done = subprocess.run(
+            [str(program), "--version"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10, env=_ENV
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.decode(errors="replace").partition("\n")[0].strip()
