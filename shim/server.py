@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from shim import __version__, cri, lockfile, memory, validate
+from shim import __version__, cri, lockfile, memory, metrics, validate
 from shim._proto import api_pb2
 from shim.cgroups import Cgroups
 from shim.config import Config
@@ -489,6 +489,11 @@ class Daemon:
         )
         self.stats = Stats(self.cgroups, self.layers.mounts_dir)
         self.server: grpc.Server | None = None
+        self.metrics = (
+            metrics.start(config.metrics_address, self.sandboxes, self.containers)
+            if config.metrics_address
+            else None
+        )
 
     def start(self) -> None:
         # Recovery before the socket exists: no call ever sees half-loaded state.
@@ -524,6 +529,8 @@ class Daemon:
         self.watcher.close()
         self.reaper.close()
         self.network.close()
+        if self.metrics is not None:
+            self.metrics.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
         log.info("event=stopped")
