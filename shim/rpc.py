@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from shim import memory
+from shim import memory, metrics
 from shim._proto import api_pb2
 from shim.errors import InvalidArgument, ShimError, Unimplemented
 
@@ -46,6 +46,8 @@ def rpc(method: F) -> F:
     """Log the call once with its outcome; map errors to gRPC status codes."""
     name = method.__name__
     level = logging.DEBUG if name in _QUIET else logging.INFO
+    # Methods are defined on RuntimeService/ImageService, whose names are the services'.
+    calls = metrics.CallMetrics(method.__qualname__.partition(".")[0], name)
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
@@ -58,6 +60,7 @@ def rpc(method: F) -> F:
                 )
             response = method(self, request, context)
         except ShimError as exc:
+            calls.done(exc.code.name, time.perf_counter() - start)  # before abort, which raises
             message = bounded(str(exc))
             log.warning(
                 "rpc=%s code=%s ms=%.2f%s error=%r",
@@ -69,8 +72,10 @@ def rpc(method: F) -> F:
             )
             context.abort(exc.code, message)
         except Exception:
+            calls.done("INTERNAL", time.perf_counter() - start)
             log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), _subject(request, None))
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
+        calls.done("OK", time.perf_counter() - start)
         if log.isEnabledFor(level):
             log.log(level, "rpc=%s code=OK ms=%.2f%s", name, _ms(start), _subject(request, response))
         return response
@@ -136,6 +141,7 @@ def _unimplemented(service: str, method: str) -> Callable[..., Any]:
         raise Unimplemented(f"{service}/{method} is not implemented by pyshim yet")
 
     handler.__name__ = method
+    handler.__qualname__ = f"{service}.{method}"  # rpc labels its metrics with the service
     return rpc(handler)
 
 

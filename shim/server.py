@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from shim import __version__, cri, lockfile, memory, validate
+from shim import __version__, cri, lockfile, memory, metrics, validate
 from shim._proto import api_pb2
 from shim.cgroups import Cgroups
 from shim.config import Config
@@ -575,6 +575,11 @@ class Daemon:
             _tls_files(config),
         )
         self.server: grpc.Server | None = None
+        self.metrics = (
+            metrics.start(config.metrics_address, self.sandboxes, self.containers)
+            if config.metrics_address
+            else None
+        )
 
     def start(self) -> None:
         # Recovery before the socket exists: no call ever sees half-loaded state.
@@ -613,6 +618,8 @@ class Daemon:
         self.watcher.close()
         self.reaper.close()
         self.network.close()
+        if self.metrics is not None:
+            self.metrics.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.socket.unlink()
         log.info("event=stopped")

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
+from shim import metrics
 from shim.errors import (
     DataLoss,
     FailedPrecondition,
@@ -58,6 +59,7 @@ class Images:
 
     # ---- pull --------------------------------------------------------------------------
 
+    @metrics.image_pull
     def pull(self, text: str, credentials: Credentials) -> ImageRecord:
         """From the first endpoint (mirrors in order, then the upstream) that serves
         the whole image; a mirror that fails midway, or answers what pyshim will not

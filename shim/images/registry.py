@@ -29,6 +29,7 @@ from email.message import Message
 from types import TracebackType
 from typing import IO
 
+from shim import metrics
 from shim.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from shim.images import manifest as parse
 from shim.images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
@@ -131,9 +132,11 @@ class Body:
 
     def read(self, size: int = -1, /) -> bytes:
         try:
-            return self._response.read(size)
+            data = self._response.read(size)
         except _TRANSPORT as err:
             raise self._client.broken(err) from None
+        metrics.IMAGE_PULL_BYTES.inc(len(data))
+        return data
 
     def __enter__(self) -> Body:
         return self

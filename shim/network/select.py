@@ -10,6 +10,7 @@ import socket
 from dataclasses import replace
 from typing import Any
 
+from shim import metrics
 from shim.config import Config
 from shim.errors import FailedPrecondition
 from shim.network import PodNetwork, PortMapping, cni
@@ -79,14 +80,16 @@ class NetworkSelector:
         metadata: Metadata,
     ) -> PodNetwork:
         backend = self._current()
-        pod = backend.setup(sandbox_id, netns_path, pod_netlink, ports, metadata)
+        with metrics.network("setup", backend.KIND):
+            pod = backend.setup(sandbox_id, netns_path, pod_netlink, ports, metadata)
         return replace(pod, backend=backend.KIND)
 
     def teardown(
         self, sandbox_id: str, pod: PodNetwork | None, netns_path: str, metadata: Metadata | None
     ) -> None:
         backend = self._current() if pod is None else self._for(pod)
-        backend.teardown(sandbox_id, pod, netns_path, metadata)
+        with metrics.network("teardown", backend.KIND):
+            backend.teardown(sandbox_id, pod, netns_path, metadata)
 
     def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
         self._for(pod).check(sandbox_id, pod, netns_path, metadata)
