@@ -14,7 +14,7 @@ instrumented place depend on whether a listener was started. With no listener
 nothing is ever collected, encoded or sent.
 
 Streaming sessions (Exec, Attach, PortForward) are counted by
-STREAM_SESSIONS, incremented by the streaming server once a session starts.
+STREAM_SESSIONS, incremented by the streaming server when a session ends.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ NETWORK_FAILURES = Counter(
 )
 STREAM_SESSIONS = Counter(
     "pyshim_stream_sessions",
-    "Streaming sessions started, by kind (exec, attach, portforward) and protocol.",
+    "Streaming sessions that ended, by kind (exec, attach, portforward) and protocol.",
     ["kind", "protocol"],
     registry=REGISTRY,
 )

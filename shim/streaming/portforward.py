@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from shim import metrics
 from shim.errors import InvalidArgument
 from shim.streaming import spdy
 from shim.streaming.requests import PortForwardRequest, Targets
@@ -53,6 +54,7 @@ def serve(upgraded: Upgraded, request: PortForwardRequest, targets: Targets) -> 
         _serve_websocket(upgraded, request, netns)
     else:
         raise InvalidArgument("this URL is for streaming: upgrade to SPDY/3.1 or websocket")
+    metrics.STREAM_SESSIONS.labels(kind="portforward", protocol=upgraded.kind).inc()
     log.info(
         "event=stream_ended kind=portforward sandbox=%s seconds=%.3f",
         request.sandbox_id,

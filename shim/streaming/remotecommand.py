@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shim import metrics
 from shim.errors import InvalidArgument, ShimError
 from shim.streaming import spdy
 from shim.streaming.requests import AttachRequest, ExecRequest, Targets
@@ -74,6 +75,7 @@ def serve(upgraded: Upgraded, request: Request, targets: Targets) -> None:
         protocol = _serve_websocket(upgraded, request, lambda io: _run(target, io))
     else:
         raise InvalidArgument("this URL is for streaming: upgrade to SPDY/3.1 or websocket")
+    metrics.STREAM_SESSIONS.labels(kind=kind, protocol=protocol).inc()
     log.info(
         "event=stream_ended kind=%s container=%s protocol=%s seconds=%.3f",
         kind,
