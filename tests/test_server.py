@@ -4,6 +4,7 @@ the socket, unimplemented methods, and the generated stubs."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -169,8 +170,10 @@ def _network_flags(daemon: Daemon) -> list[str]:
     ]
 
 
-def test_help_and_readme_document_every_flag() -> None:
+def test_help_and_docs_document_every_flag_and_every_setting_has_a_key() -> None:
     from shim.cli import _parser
+    from shim.config import Config
+    from shim.configfile import SPECS
 
     serve = next(
         choice
@@ -184,9 +187,14 @@ def test_help_and_readme_document_every_flag() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "shim", "serve", "--help"], capture_output=True, text=True, check=True
     )
-    readme = (ROOT / "README.md").read_text()
     assert sorted(f for f in flags if f not in done.stdout) == []
-    assert sorted(f for f in flags if f"`{f}" not in readme) == [], "flags missing from README's table"
+    # Every Config field is a setting: a config file key and a flag of serve.
+    assert sorted(spec.name for spec in SPECS) == sorted(f.name for f in dataclasses.fields(Config))
+    assert {spec.flag for spec in SPECS} <= flags
+    # The full reference of flags and keys is docs/configuration.md.
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    assert sorted(f for f in flags if f"`{f}" not in reference) == [], "flags missing from the docs"
+    assert sorted(s.key for s in SPECS if f"`{s.key}`" not in reference) == [], "keys missing from the docs"
 
 
 def test_pause_binary_behaves_like_kubernetes_pause() -> None:
