@@ -186,6 +186,8 @@ class PrivateDaemon:
         return [
             *self.launcher,
             "serve",
+            "--config",
+            "/dev/null",  # never the node's /etc/pyshim/config.toml
             "--socket",
             str(self.socket),
             "--root",

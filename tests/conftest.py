@@ -301,6 +301,9 @@ class Daemon:
             # No CNI unless a test asks for it: the node's /etc/cni/net.d never applies.
             "--cni-conf-dir",
             str(self.base / "cni-none"),
+            # Nor does the node's configuration file (/etc/pyshim/config.toml).
+            "--config",
+            "/dev/null",
             # Nor does the node's registry configuration.
             "--registry-config-dir",
             str(self.base / "certs.d"),
