@@ -92,6 +92,7 @@ def _run(target: ExecTarget | AttachTarget, io: StreamIO) -> Outcome:
         run_attach(target, io)
         return Outcome(exit_code=None)
     except ShimError as exc:
+        log.info("event=stream_failed container=%s reason=%r", target.container_id, str(exc))
         return Outcome(exit_code=None, error=str(exc))
 
 

@@ -70,11 +70,9 @@ class Targets:
             config.ParseFromString(record.config)
         except DecodeError:
             config = api_pb2.ContainerConfig()
-        # Through conmon's short link (<socket dir>/<id> -> bundle): sun_path holds 107 bytes.
-        link = self.containers.conmon.attach_dir / record.id
         return AttachTarget(
             container_id=record.id,
-            socket_path=link / "attach",
+            socket_path=bundle / "attach",
             control_path=bundle / CONTROL_FIFO,
             tty=config.tty,
             stdin=config.stdin,

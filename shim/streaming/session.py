@@ -403,11 +403,11 @@ def run_attach(target: AttachTarget, io: StreamIO) -> None:
     each message tagged with its pipe."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        sock.connect(str(target.socket_path))
+        _connect_long(sock, target.socket_path)
     except OSError as exc:
         sock.close()
         raise FailedPrecondition(
-            f"container {target.container_id}: its monitor's attach socket is gone ({exc.strerror})"
+            f"container {target.container_id}: its monitor's attach socket is gone ({exc.strerror or exc})"
         ) from None
     io.on_abort(lambda: _shutdown(sock))
     try:
@@ -433,6 +433,16 @@ def run_attach(target: AttachTarget, io: StreamIO) -> None:
                     sink.write(message[1:])
     finally:
         sock.close()
+
+
+def _connect_long(sock: socket.socket, path: Path) -> None:
+    """Connect to a socket whatever its path's length (sun_path holds 107 bytes): through
+    the /proc link of an fd of its directory, as conmon binds it."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{directory}/{path.name}")
+    finally:
+        os.close(directory)
 
 
 def _shutdown(sock: socket.socket) -> None:
