@@ -25,22 +25,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import streamclient  # noqa: E402  (the tests' SPDY and WebSocket clients)
-from busybox import IMAGE  # noqa: E402
-from containers import ensure_image  # noqa: E402
-from harness import Stub, connect, pod_config, summary, timed  # noqa: E402
+import streamclient
+from busybox import IMAGE
+from containers import ensure_image
+from harness import Stub, connect, pod_config, summary, timed
 
-from shim._proto import api_pb2  # noqa: E402
+from shim._proto import api_pb2
 
 TIMEOUT = 60
 PORT = 7100
 # Inside the pod: "up" reads to EOF and answers the byte count; "down N" sends N
 # bytes; "ping" answers "pong". One line of command first, then the data.
 SERVER = """
-import socket, threading
+import socket, sys, threading
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", %d))
+server.bind(("127.0.0.1", int(sys.argv[1])))
 server.listen(256)
 print("ready", flush=True)
 def serve(conn):
@@ -62,7 +62,7 @@ def serve(conn):
 while True:
     conn, _ = server.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
-""" % PORT
+"""
 
 
 def run_container(stub: Stub, handler: str, logs: Path) -> tuple[str, str]:
@@ -114,7 +114,7 @@ def forwarding(stub: Stub, sandbox: str, megabytes: int, connections: int) -> di
         ).info["info"]
     )
     server = subprocess.Popen(
-        ["nsenter", f"--net={info['namespaces']['net']}", sys.executable, "-c", SERVER],
+        ["nsenter", f"--net={info['namespaces']['net']}", sys.executable, "-c", SERVER, str(PORT)],
         stdout=subprocess.PIPE,
     )
     try:
@@ -169,7 +169,9 @@ def _forwarding(client: streamclient.SpdyClient, megabytes: int, connections: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", type=Path, help="CRI socket of a running daemon; unset: a private pyshim")
-    parser.add_argument("--daemon-root", type=Path, help="that daemon's --root, to import the busybox image into")
+    parser.add_argument(
+        "--daemon-root", type=Path, help="that daemon's --root, to import the busybox image into"
+    )
     parser.add_argument("--handler", default="", help="runtime handler; unset: the default")
     parser.add_argument("--execs", type=int, default=200, help="samples of each kind of exec")
     parser.add_argument("--megabytes", type=int, default=256, help="size of each forwarded transfer")

@@ -189,10 +189,10 @@ def _exec_pipes(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: 
         _copy_outputs(outputs, proc)
         return _exit_code(proc.wait())
     finally:
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
                 with contextlib.suppress(OSError):
-                    pipe.close()
+                    stream.close()
 
 
 def _pump_to_fd(source: Input, sink: IO[bytes]) -> None:

@@ -78,10 +78,10 @@ class Upgraded:
 
     def switch_websocket(self, subprotocol: str) -> WSConnection:
         key = next(iter(self.values("sec-websocket-key")), "")
-        headers = [
+        headers: list[tuple[str, str]] = [
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
-            ("sec-websocket-accept", generate_accept_token(key.encode())),
+            ("sec-websocket-accept", generate_accept_token(key.encode()).decode()),
         ]
         if subprotocol:
             headers.append(("sec-websocket-protocol", subprotocol))

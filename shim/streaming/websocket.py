@@ -36,10 +36,9 @@ class ChannelSocket:
 
     def send(self, channel: int, data: bytes) -> None:
         if self.text:
-            message: Message[object] = TextMessage(data=str(channel) + base64.b64encode(data).decode())
+            self._send(TextMessage(data=str(channel) + base64.b64encode(data).decode()))
         else:
-            message = BytesMessage(data=bytes([channel]) + data)
-        self._send(message)
+            self._send(BytesMessage(data=bytes([channel]) + data))
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """Say goodbye (once) and stop sending; the read loop ends with the client's answer."""
