@@ -122,7 +122,12 @@ class Config:
         default=DEFAULT_BRIDGE, metadata=about("host bridge of the built-in pod network", metavar="NAME")
     )
     pod_subnet: str = field(
-        default=DEFAULT_POD_SUBNET, metadata=about("IPv4 subnet pods get addresses from", metavar="CIDR")
+        default="",
+        metadata=about(
+            "IPv4 subnet pods get addresses from",
+            metavar="CIDR",
+            unset=f"the pod CIDR kubelet sends (UpdateRuntimeConfig), else {DEFAULT_POD_SUBNET}",
+        ),
     )
     pod_subnet6: str = field(
         default="",

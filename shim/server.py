@@ -70,8 +70,10 @@ class RuntimeService:
         containers: ContainerManager,
         stats: Stats,
         streams: StreamServer,
+        network: NetworkSelector,
     ) -> None:
         self.config = config
+        self.network = network
         self.sandboxes = sandboxes
         self.containers = containers
         self.stats = stats
@@ -157,6 +159,17 @@ class RuntimeService:
         return api_pb2.RuntimeConfigResponse(
             linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=api_pb2.CGROUPFS)
         )
+
+    @rpc
+    def UpdateRuntimeConfig(
+        self, request: api_pb2.UpdateRuntimeConfigRequest, context: grpc.ServicerContext
+    ) -> api_pb2.UpdateRuntimeConfigResponse:
+        pod_cidr = request.runtime_config.network_config.pod_cidr
+        if len(pod_cidr) > 200:
+            raise InvalidArgument(f"pod CIDR of {len(pod_cidr)} characters: at most two ranges are expected")
+        if pod_cidr:
+            self.network.update_pod_cidr(pod_cidr)
+        return api_pb2.UpdateRuntimeConfigResponse()
 
     @rpc
     def RunPodSandbox(
@@ -535,6 +548,8 @@ class Daemon:
         # nor its state. Held until the process ends.
         self._locks = lockfile.hold_all(config.root, config.run_root, config.socket)
         prepare_socket(config.socket)
+        # Listening (not yet serving) before the node is touched: a port in use stops us here.
+        self.streams = StreamServer(config.stream_address, config.stream_port, _tls_files(config))
         pause = find_pause(config.pause_path)
         self.watcher = ExitWatcher()
         self.reaper = OrphanReaper()
@@ -568,12 +583,6 @@ class Daemon:
             conmon,
         )
         self.stats = Stats(self.cgroups, self.layers.mounts_dir)
-        self.streams = StreamServer(
-            config.stream_address,
-            config.stream_port,
-            streaming.Targets(self.sandboxes, self.containers),
-            _tls_files(config),
-        )
         self.server: grpc.Server | None = None
         self.metrics = (
             metrics.start(config.metrics_address, self.sandboxes, self.containers)
@@ -597,7 +606,9 @@ class Daemon:
         server.add_generic_rpc_handlers(
             (
                 generic_handler(
-                    RuntimeService(self.config, self.sandboxes, self.containers, self.stats, self.streams),
+                    RuntimeService(
+                        self.config, self.sandboxes, self.containers, self.stats, self.streams, self.network
+                    ),
                     "RuntimeService",
                 ),
                 generic_handler(ImageService(self.config, self.images), "ImageService"),
@@ -605,7 +616,7 @@ class Daemon:
         )
         server.add_insecure_port(f"unix:{self.config.socket}")
         os.chmod(self.config.socket, 0o660)
-        self.streams.start()
+        self.streams.start(streaming.Targets(self.sandboxes, self.containers))
         server.start()
         self.server = server
         log.info("event=serving socket=%s version=%s", self.config.socket, __version__)

@@ -315,6 +315,8 @@ class Daemon:
     def start(self, extra_args: list[str] | None = None) -> Daemon:
         if extra_args is not None:
             self.extra_args = extra_args
+        if self.netns:  # a fresh namespace's loopback is down: the streaming server listens there
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), stdout=log, stderr=log, cwd=self.base, env={**os.environ, **self.env}

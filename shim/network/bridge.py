@@ -342,6 +342,18 @@ class BridgeNetwork:
                         self._ipr.link("del", index=link["index"])
                     log.warning("event=veth_swept interface=%s", name)
 
+    def retire(self) -> None:
+        """This network's subnet is given up (no pod holds an address in it): its gateway
+        address leaves the bridge; the bridge and the table stay for the next subnet."""
+        with self._ipr_lock, contextlib.suppress(NetlinkError):
+            self._ipr.addr(
+                "del",
+                index=self.bridge_index,
+                address=str(self.gateway),
+                prefixlen=self.config.subnet.prefixlen,
+            )
+        self.close()
+
     def close(self) -> None:
         self._ipr.close()
         self._host.close()

@@ -6,16 +6,21 @@ each pod is torn down by the backend that set it up, whatever is current then.""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
+import threading
 from dataclasses import replace
 from typing import Any
 
 from shim import metrics
-from shim.config import Config
+from shim.config import DEFAULT_POD_SUBNET, Config
 from shim.errors import FailedPrecondition
 from shim.network import PodNetwork, PortMapping, cni
 from shim.network.bridge import BridgeConfig, BridgeNetwork
+from shim.network.podcidr import PodCidr, ipv4_subnet
 from shim.store import Metadata
+
+log = logging.getLogger(__name__)
 
 
 class NetworkSelector:
@@ -24,6 +29,11 @@ class NetworkSelector:
         self._bridge: BridgeNetwork | None = None
         self._cni: cni.CniNetwork | None = None
         self._stamp: tuple[tuple[str, int, int], ...] = ()
+        self._pod_cidr = PodCidr.load(config.root)
+        self._pending: ipaddress.IPv4Network | None = None  # kubelet's range, not taken yet
+        # Guards switching the bridge's subnet against set-ups in flight.
+        self._lock = threading.Lock()
+        self._setups = 0
         self._current()  # the node set-up of the built-in network happens at start
 
     def _current(self) -> BridgeNetwork | cni.CniNetwork:
@@ -36,13 +46,17 @@ class NetworkSelector:
             self._stamp = stamp
         return self._cni
 
+    def subnet(self) -> ipaddress.IPv4Network:
+        """The built-in network's range: the operator's, else kubelet's, else the default."""
+        return ipaddress.IPv4Network(self.config.pod_subnet or self._pod_cidr.subnet or DEFAULT_POD_SUBNET)
+
     def bridge(self) -> BridgeNetwork:
         if self._bridge is None:
             c = self.config
             self._bridge = BridgeNetwork(
                 BridgeConfig(
                     name=c.bridge_name,
-                    subnet=ipaddress.IPv4Network(c.pod_subnet),
+                    subnet=self.subnet(),
                     nft_table=c.nft_table,
                     ip_forward=c.ip_forward,
                     masquerade=c.masquerade,
@@ -66,7 +80,57 @@ class NetworkSelector:
         return self._current().status()
 
     def describe(self) -> dict[str, Any]:
-        return self._current().describe()
+        described = self._current().describe()
+        described["podCIDR"] = {
+            "fromKubelet": self._pod_cidr.sent or None,
+            "subnetFrom": "--pod-subnet"
+            if self.config.pod_subnet
+            else "kubelet"
+            if self._pod_cidr.subnet
+            else "default",
+            "pending": str(self._pending) if self._pending else None,
+        }
+        return described
+
+    # ---- UpdateRuntimeConfig ------------------------------------------------------------
+
+    def update_pod_cidr(self, pod_cidr: str) -> None:
+        """Kubelet's pod CIDR: recorded; its IPv4 range becomes the built-in network's
+        subnet for new pods unless the operator set one (at once if no pod holds an
+        address on the bridge, else when none does)."""
+        wanted = ipv4_subnet(pod_cidr)
+        with self._lock:
+            self._pod_cidr = replace(self._pod_cidr, sent=pod_cidr)
+            self._pod_cidr.save(self.config.root)
+            if self.config.pod_subnet or wanted is None:
+                self._pending = None
+                if wanted is not None:
+                    log.info(
+                        "event=pod_cidr_kept pod_cidr=%s subnet=%s reason=operator_set",
+                        pod_cidr,
+                        self.subnet(),
+                    )
+                return
+            self._pending = None if wanted == self.subnet() else wanted
+            self._take_pending()
+
+    def _take_pending(self) -> None:
+        """Under _lock: switch to the pending subnet if the bridge is free to."""
+        if self._pending is None:
+            return
+        bridge = self._bridge
+        if bridge is not None and (self._setups or bridge.ipam.allocated()):
+            log.info("event=pod_cidr_pending subnet=%s reason=pods_on_the_bridge", self._pending)
+            return
+        old = self.subnet()
+        self._pod_cidr = replace(self._pod_cidr, subnet=str(self._pending))
+        self._pod_cidr.save(self.config.root)
+        self._pending = None
+        if bridge is not None:
+            self._bridge = None
+            bridge.retire()
+            self.bridge()
+        log.info("event=pod_subnet_changed from=%s to=%s", old, self.subnet())
 
     def kind(self) -> str:
         return self._current().KIND
@@ -79,9 +143,16 @@ class NetworkSelector:
         ports: tuple[PortMapping, ...],
         metadata: Metadata,
     ) -> PodNetwork:
-        backend = self._current()
-        with metrics.network("setup", backend.KIND):
-            pod = backend.setup(sandbox_id, netns_path, pod_netlink, ports, metadata)
+        with self._lock:
+            self._take_pending()
+            backend = self._current()
+            self._setups += 1
+        try:
+            with metrics.network("setup", backend.KIND):
+                pod = backend.setup(sandbox_id, netns_path, pod_netlink, ports, metadata)
+        finally:
+            with self._lock:
+                self._setups -= 1
         return replace(pod, backend=backend.KIND)
 
     def teardown(

@@ -47,8 +47,8 @@ class TLSFiles:
 
 
 class StreamServer:
-    def __init__(self, address: str, port: int, targets: Targets, tls: TLSFiles | None = None) -> None:
-        self.targets = targets
+    def __init__(self, address: str, port: int, tls: TLSFiles | None = None) -> None:
+        self.targets: Targets | None = None
         self.cache: RequestCache[Request] = RequestCache()
         self._tls = _tls_context(tls) if tls else None
         self._listener = _listen(address, port)
@@ -60,7 +60,8 @@ class StreamServer:
         self.base_url = f"{'https' if tls else 'http'}://{_url_host(host)}:{bound_port}"
         self._thread = threading.Thread(target=self._accept_loop, name="stream-accept", daemon=True)
 
-    def start(self) -> None:
+    def start(self, targets: Targets) -> None:
+        self.targets = targets
         self._thread.start()
         log.info("event=stream_serving url=%s", self.base_url)
 
@@ -135,6 +136,7 @@ class StreamServer:
             return
         conn.settimeout(None)
         upgraded = Upgraded(conn, http, request)
+        assert self.targets is not None  # set before the first connection is accepted
         try:
             if isinstance(stored, PortForwardRequest):
                 portforward.serve(upgraded, stored, self.targets)
