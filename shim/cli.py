@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grpc-workers", type=int, default=32, help="threads serving requests")
     serve.add_argument(
+        "--event-subscribers",
+        type=int,
+        default=8,
+        help="GetContainerEvents streams served at once; each holds a request thread (keep it "
+        "well below --grpc-workers)",
+    )
+    serve.add_argument(
+        "--event-queue",
+        type=int,
+        default=1000,
+        help="events queued per stream; a stream that falls this far behind is dropped",
+    )
+    serve.add_argument(
         "--bridge-name", default=DEFAULT_BRIDGE, help="host bridge of the built-in pod network"
     )
     serve.add_argument("--pod-subnet", default=DEFAULT_POD_SUBNET, help="IPv4 subnet pods get addresses from")
@@ -210,6 +223,8 @@ def _config(args: argparse.Namespace) -> Config:
         pause_stop_timeout=args.pause_stop_timeout,
         pause_start_timeout=args.pause_start_timeout,
         grpc_workers=args.grpc_workers,
+        event_subscribers=args.event_subscribers,
+        event_queue=args.event_queue,
         bridge_name=args.bridge_name,
         pod_subnet=args.pod_subnet,
         pod_subnet6=args.pod_subnet6,

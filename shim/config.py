@@ -44,6 +44,11 @@ class Config:
     pause_start_timeout: float = 10.0
     pause_oom_score_adj: int = -998
     grpc_workers: int = 32
+    # GetContainerEvents: streams served at once (each holds one of the grpc_workers for
+    # its life, so keep it well below them), and events queued for each before a
+    # stream that does not keep up is dropped.
+    event_subscribers: int = 8
+    event_queue: int = 1000
     # Built-in pod network.
     bridge_name: str = DEFAULT_BRIDGE
     pod_subnet: str = DEFAULT_POD_SUBNET
