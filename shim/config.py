@@ -117,6 +117,21 @@ class Config:
         default=-998, metadata=about("oom_score_adj of every pause", metavar="N", low=-1000, high=1000)
     )
     grpc_workers: int = field(default=32, metadata=about("threads serving requests", metavar="N", low=1))
+    # GetContainerEvents: each stream holds one of the grpc_workers for its life, so
+    # keep the subscribers well below them.
+    event_subscribers: int = field(
+        default=8,
+        metadata=about("GetContainerEvents streams served at once", metavar="N", low=1, high=1000),
+    )
+    event_queue: int = field(
+        default=1000,
+        metadata=about(
+            "events queued for a GetContainerEvents stream before one that does not keep up is dropped",
+            metavar="N",
+            low=1,
+            high=1_000_000,
+        ),
+    )
     # Built-in pod network.
     bridge_name: str = field(
         default=DEFAULT_BRIDGE, metadata=about("host bridge of the built-in pod network", metavar="NAME")

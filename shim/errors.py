@@ -49,6 +49,15 @@ class ResourceExhausted(ShimError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Aborted(ShimError):
+    code = grpc.StatusCode.ABORTED
+
+
+class SubscriberDropped(Aborted):
+    """An event stream fell too far behind and was dropped: the client relists and
+    subscribes again."""
+
+
 class Unimplemented(ShimError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

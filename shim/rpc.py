@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -81,6 +81,50 @@ def rpc(method: F) -> F:
         return response
 
     return wrapper  # type: ignore[return-value]
+
+
+def rpc_stream(method: F) -> F:
+    """`rpc` for a server-streaming method: `method` does its checks and returns the
+    responses' iterator; an error raised then, or while the stream runs, is mapped
+    as `rpc` maps it. Its opening and its end are logged."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"{name}: the request is not a valid {request.type_name}: {request.reason}"
+                )
+            responses = method(self, request, context)
+        except ShimError as exc:
+            _abort(name, start, exc, context)
+        log.info("rpc=%s code=OK ms=%.2f stream=open", name, _ms(start))
+        return _streamed(name, responses, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _streamed(name: str, responses: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    start = time.perf_counter()
+    try:
+        yield from responses
+    except GeneratorExit:  # gRPC closes the stream: its client went away mid-send
+        log.info("rpc=%s code=CANCELLED ms=%.2f stream=closed", name, _ms(start))
+        raise
+    except ShimError as exc:
+        _abort(name, start, exc, context)
+    except Exception:
+        log.exception("rpc=%s code=INTERNAL ms=%.2f stream=closed", name, _ms(start))
+        context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
+    log.info("rpc=%s code=OK ms=%.2f stream=closed", name, _ms(start))
+
+
+def _abort(name: str, start: float, exc: ShimError, context: grpc.ServicerContext) -> None:
+    message = bounded(str(exc))
+    log.warning("rpc=%s code=%s ms=%.2f error=%r", name, exc.code.name, _ms(start), message)
+    context.abort(exc.code, message)
 
 
 def bounded(message: str) -> str:

@@ -23,7 +23,9 @@ from typing import Protocol
 from shim import mounts, namespaces
 from shim.cgroups import Cgroups
 from shim.config import Config
+from shim.containers.record import ContainerRecord
 from shim.errors import AlreadyExists, Internal, ShimError
+from shim.events import EventBus, EventType
 from shim.network import NetworkBackend, PodNetwork, netlink, node_address
 from shim.network.files import write_pod_files
 from shim.pause import PauseOrders, SpawnedPause, pauses_of, spawn
@@ -87,12 +89,26 @@ class PodContainers(Protocol):
 
     def remove_all(self, sandbox_id: str) -> None: ...
 
+    def records_of(self, sandbox_id: str) -> tuple[ContainerRecord, ...]:
+        """The pod's containers as they are now, for its events."""
+        ...
+
+    def announce_recovered(self) -> None:
+        """Publish the exits found at start-up: their events need the pods recovered."""
+        ...
+
 
 class _NoContainers:
     def stop_all(self, sandbox_id: str, grace: float) -> None:
         pass
 
     def remove_all(self, sandbox_id: str) -> None:
+        pass
+
+    def records_of(self, sandbox_id: str) -> tuple[ContainerRecord, ...]:
+        return ()
+
+    def announce_recovered(self) -> None:
         pass
 
 
@@ -104,8 +120,10 @@ class SandboxManager:
         watcher: ExitWatcher,
         network: NetworkBackend,
         cgroups: Cgroups,
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
+        self.events = events if events is not None else EventBus()
         self.pause_path = pause_path
         self.network = network
         self.pod_cgroups = PodCgroups(cgroups, config.cgroup_root)
@@ -148,6 +166,9 @@ class SandboxManager:
                 self.registry.release(name)
             else:
                 self.registry.commit(name, sandbox)
+        # As containerd: the sandbox's own id as the container's, created then started.
+        self._announce(EventType.CREATED, sandbox)
+        self._announce(EventType.STARTED, sandbox)
         self._watch(sandbox)
         return sandbox.id
 
@@ -350,7 +371,8 @@ class SandboxManager:
             if record.cgroup_parent:
                 self.pod_cgroups.remove_pause(record.cgroup_parent, record.id)
             return
-        pause, sandbox.pause = sandbox.pause, None  # first: its exit is then Stop's, not news
+        with sandbox.state_lock:  # first: its exit is then Stop's, not news (nor an event)
+            pause, sandbox.pause = sandbox.pause, None
         if pause is not None and not pause.terminate(self.config.pause_stop_timeout):
             sandbox.pause = pause
             raise Internal(
@@ -376,6 +398,8 @@ class SandboxManager:
             # One write, also after a partial failure: what is left stays recorded for a retry.
             self._update(sandbox, lambda r: _stopped(r, network_gone, pins_gone))
         log.info("event=sandbox_stopped sandbox=%s", record.id)
+        if pause is not None:  # a pause that died on its own was announced when it did
+            self._announce(EventType.STOPPED, sandbox)
 
     def remove(self, sandbox_id: str, deadline: float | None = None) -> None:
         """Stop if needed, remove the pod's containers, then delete every trace.
@@ -395,6 +419,9 @@ class SandboxManager:
             sandbox.removed = True
         self.registry.discard(sandbox)
         log.info("event=sandbox_removed sandbox=%s", sandbox.id)
+        # With the last status (containerd 2.x does the same): kubelet ignores an event
+        # without one, and drops the pod from its cache on this one.
+        self._announce(EventType.DELETED, sandbox)
 
     def _update(self, sandbox: Sandbox, change: Callable[[SandboxRecord], SandboxRecord]) -> None:
         """Apply a change to the latest record, persist it, then show it (nothing is
@@ -422,6 +449,10 @@ class SandboxManager:
             sandbox.pause = None
         self._update(sandbox, lambda r: replace(r, state=SandboxState.NOTREADY, pause=None))
         log.warning("event=pause_exited sandbox=%s state=NOTREADY", sandbox.id)
+        self._announce(EventType.STOPPED, sandbox)
+
+    def _announce(self, kind: EventType, sandbox: Sandbox) -> None:
+        self.events.emit(sandbox.id, kind, lambda: (sandbox.record, self.containers.records_of(sandbox.id)))
 
     # ---- PodSandboxStatus / ListPodSandbox ----------------------------------------
 
@@ -447,6 +478,7 @@ class SandboxManager:
         self.network.reconcile({r.id: r.network for r in with_network if r.network is not None})
         self.network.sync_ports([r.network for r in with_network if r.network is not None])
         self._check_networks()
+        self.containers.announce_recovered()
         ready = sum(1 for s in self.registry.entries() if s.record.state is SandboxState.READY)
         log.info("event=recovered sandboxes=%d ready=%d", len(records), ready)
 
@@ -466,6 +498,7 @@ class SandboxManager:
 
     def _adopt(self, record: SandboxRecord) -> None:
         pause = TrackedProcess.adopt(record.pause) if record.pause else None
+        was_ready = record.state is SandboxState.READY
         if pause is None and record.state is SandboxState.READY:
             record = replace(record, state=SandboxState.NOTREADY, pause=None)
             self.store.save(record)
@@ -480,6 +513,8 @@ class SandboxManager:
             log.warning("event=pins_gone sandbox=%s state=NOTREADY", record.id)
         sandbox = Sandbox(record=record, pause=pause)
         self.registry.adopt(sandbox)
+        if was_ready and record.state is not SandboxState.READY:
+            self._announce(EventType.STOPPED, sandbox)  # it stopped while pyshim was down
         self._watch(sandbox)
 
     def _sweep_unrecorded(self) -> None:

@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from shim.containers.lifecycle import ListFilter as ContainerFilter
 from shim.containers.record import ContainerRecord, ContainerState
 from shim.containers.stats import Stats
 from shim.errors import FailedPrecondition, InvalidArgument
+from shim.events import EventBus
 from shim.images import Images
 from shim.images import hosts as registry_hosts
 from shim.images.layers import LayerStore
@@ -42,7 +44,7 @@ from shim.images.store import ImageStore
 from shim.network.select import NetworkSelector
 from shim.pause import find_pause
 from shim.procs import ExitWatcher, OrphanReaper, become_subreaper
-from shim.rpc import fill_unimplemented, generic_handler, rpc
+from shim.rpc import fill_unimplemented, generic_handler, rpc, rpc_stream
 from shim.sandbox import ListFilter, SandboxManager
 from shim.sandbox_record import SandboxRecord, SandboxState
 from shim.streaming import requests as streaming
@@ -427,6 +429,20 @@ class RuntimeService:
         running = self.containers.select(ContainerFilter(sandbox_id=record.id, state=ContainerState.RUNNING))
         return self.stats.sandbox(record, running)
 
+    @rpc_stream
+    def GetContainerEvents(
+        self, request: api_pb2.GetEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        events = self.sandboxes.events
+        # Dropped for falling behind: reset the stream, since a client that stopped
+        # reading would never get a status queued behind its unread events.
+        subscription = events.subscribe(on_drop=context.cancel)
+        if not context.add_callback(lambda: events.unsubscribe(subscription)):
+            events.unsubscribe(subscription)  # the client is gone already
+        # Headers at once: a client knows it is subscribed before its first event.
+        context.send_initial_metadata(())
+        return events.stream(subscription, context.is_active)
+
 
 class ImageService:
     def __init__(self, config: Config, images: Images) -> None:
@@ -570,7 +586,8 @@ class Daemon:
         conmon = Conmon(
             _program(config.conmon), self.cgroups, config.run_root / "attach", config.create_timeout
         )
-        self.sandboxes = SandboxManager(config, pause, self.watcher, self.network, self.cgroups)
+        self.events = EventBus(config.event_subscribers, config.event_queue)
+        self.sandboxes = SandboxManager(config, pause, self.watcher, self.network, self.cgroups, self.events)
         self.containers = ContainerManager(
             config,
             self.sandboxes,
@@ -623,6 +640,7 @@ class Daemon:
 
     def stop(self, grace: float = 10.0) -> None:
         """In-flight calls finish (up to `grace`); pods keep running."""
+        self.events.close()  # first: event streams would otherwise hold the server for `grace`
         if self.server is not None:
             self.server.stop(grace).wait()
         self.streams.close()

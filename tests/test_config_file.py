@@ -255,6 +255,8 @@ _STRATEGIES: dict[str, st.SearchStrategy[object]] = {
     ),
     "pause_oom_score_adj": st.integers(-1000, 1000),
     "grpc_workers": st.integers(1, 1000),
+    "event_subscribers": st.integers(1, 1000),
+    "event_queue": st.integers(1, 1_000_000),
     "stream_port": st.integers(0, 65535),
     "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
 }

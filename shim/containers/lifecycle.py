@@ -43,6 +43,7 @@ from shim.containers.record import (
 )
 from shim.containers.runtime import Runtime
 from shim.errors import AlreadyExists, FailedPrecondition, Internal, NotFound, ShimError
+from shim.events import EventType
 from shim.images import Images
 from shim.images.layers import LayerStore
 from shim.images.store import ImageRecord
@@ -120,6 +121,10 @@ class ContainerManager:
         # Layers under a container being made are not yet in any record: kept here.
         self._making: dict[str, tuple[str, ...]] = {}
         self._making_lock = threading.Lock()
+        self.events = sandboxes.events
+        # Events of exits found while recovering, held until the pods are recovered too.
+        self._held: list[tuple[EventType, Container]] | None = None
+        self._held_lock = threading.Lock()  # the exit watcher may add to it meanwhile
         sandboxes.containers = self
         layers.in_use = self.layers_in_use
 
@@ -162,6 +167,7 @@ class ContainerManager:
                     self.registry.release(name)
                 else:
                     self.registry.commit(name, container)
+        self._announce(EventType.CREATED, container)  # before the watch: its exit comes after
         self._watch(container)
         return container.id
 
@@ -342,7 +348,7 @@ class ContainerManager:
                 raise
             # Not fsynced: after a machine crash no container runs, whatever this says;
             # a daemon crash loses nothing written.
-            self._update(container, lambda r: started(r, now), durable=False)
+            self._update(container, lambda r: started(r, now), durable=False, announce=EventType.STARTED)
         log.info("event=container_started container=%s", record.id)
 
     def _fail_start(self, container: Container, exc: ShimError) -> None:
@@ -361,6 +367,8 @@ class ContainerManager:
                 message=message,
                 finished_at=r.finished_at or time.time_ns(),
             ),
+            # The call fails, but the container did end: kubelet must not go on seeing it created.
+            announce=EventType.STOPPED,
         )
 
     # ---- StopContainer / RemoveContainer --------------------------------------------
@@ -418,6 +426,7 @@ class ContainerManager:
             self._stop_locked(container, 0)
             self._teardown(container)
         self.registry.discard(container)
+        self._announce(EventType.DELETED, container)
         self.layers.remove_unused(self.images.live_layers())
         log.info("event=container_removed container=%s", container.id)
 
@@ -460,6 +469,31 @@ class ContainerManager:
         for container in self.registry.entries():
             if container.record.sandbox_id == sandbox_id:
                 self.remove(container.id)
+
+    def records_of(self, sandbox_id: str) -> tuple[ContainerRecord, ...]:
+        records = [c.record for c in self.registry.entries() if c.record.sandbox_id == sandbox_id]
+        return tuple(sorted(records, key=lambda r: r.created_at))
+
+    # ---- events -----------------------------------------------------------------------
+
+    def _announce(self, kind: EventType, container: Container) -> None:
+        with self._held_lock:
+            if self._held is not None:
+                self._held.append((kind, container))
+                return
+        sandbox_id = container.record.sandbox_id
+
+        def snapshot() -> tuple[SandboxRecord | None, tuple[ContainerRecord, ...]]:
+            pod = self.sandboxes.find(sandbox_id)
+            return (pod.record if pod is not None else None), self.records_of(sandbox_id)
+
+        self.events.emit(container.id, kind, snapshot)
+
+    def announce_recovered(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held or [], None
+        for kind, container in held:
+            self._announce(kind, container)
 
     # ---- status, list, update, logs -------------------------------------------------
 
@@ -540,9 +574,13 @@ class ContainerManager:
         container: Container,
         change: Callable[[ContainerRecord], ContainerRecord],
         durable: bool = True,
+        announce: EventType | None = None,
     ) -> None:
         """Apply a change to the latest record, persist it, then show it (nothing is
-        written for a removed container or a change that changes nothing)."""
+        written for a removed container or a change that changes nothing), and
+        publish `announce` for it. Published under the state lock, so that the
+        events of one container are in the order of its changes; publishing is
+        short and never blocks."""
         with container.state_lock:
             if container.removed:
                 return
@@ -551,6 +589,8 @@ class ContainerManager:
                 return
             self.store.save(record, durable)
             container.record = record
+            if announce is not None:
+                self._announce(announce, container)
         self.registry.changed()
 
     def _watch(self, container: Container) -> None:
@@ -585,7 +625,10 @@ class ContainerManager:
         reason = "OOMKilled" if found.oom_killed else "Completed" if found.code == 0 else "Error"
         # Not fsynced, as a start: conmon's exit file holds the same until a reboot.
         self._update(
-            container, lambda r: exited(r, found.code, found.finished_at, reason, message), durable=False
+            container,
+            lambda r: exited(r, found.code, found.finished_at, reason, message),
+            durable=False,
+            announce=EventType.STOPPED,  # once per exit: an EXITED record is not changed again
         )
         container.exited.set()
         log.info("event=container_exited container=%s code=%d reason=%s", container.id, found.code, reason)
@@ -596,6 +639,8 @@ class ContainerManager:
         """Reload every record: a container that exited while the daemon was down shows
         its real exit code and time; a Create the daemon died in is swept."""
         records = self.store.load_all()
+        with self._held_lock:
+            self._held = []  # until the pods are back (SandboxManager.recover announces them)
         for record in records:
             self._adopt(record)
         self._sweep_unrecorded()
