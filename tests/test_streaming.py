@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,6 +214,42 @@ def test_a_client_that_goes_away_leaves_no_process(cdaemon: Daemon, container: s
         client.sock.shutdown(socket.SHUT_RDWR)
         client.close()
         assert wait_until(lambda: not _pids_named(seconds)), "the command outlived its client"
+
+
+def _fds_and_threads(daemon: Daemon) -> tuple[int, int]:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_sessions_leave_no_fd_or_thread_behind(
+    cdaemon: Daemon, container: str, echo_pod: tuple[str, int]
+) -> None:
+    sandbox_id, port = echo_pod
+    spdy_exec(exec_url(cdaemon, container, "true"))  # the first session's one-time costs
+    baseline = _fds_and_threads(cdaemon)
+    for _ in range(3):
+        # Ended normally, over each transport, with a terminal and stdin.
+        spdy_exec(exec_url(cdaemon, container, "cat", stdin=True), stdin=b"x")
+        ws_exec(exec_url(cdaemon, container, "cat", stdin=True), stdin=b"x")
+        spdy_exec(exec_url(cdaemon, container, "sh", "-c", "exit 2", tty=True), tty=True, sizes=[(80, 24)])
+        # Cut off mid-session.
+        for connect in (spdy_connect, ws_connect):
+            url = exec_url(cdaemon, container, "sleep", "600")
+            client = connect(url, ["v4.channel.k8s.io"])
+            if connect is spdy_connect:
+                for kind in ("error", "stdout", "stderr"):
+                    client.session.open_stream({"streamtype": kind}, fin=True)  # type: ignore[union-attr]
+            time.sleep(0.2)
+            client.sock.shutdown(socket.SHUT_RDWR)
+            client.close()
+        forward = spdy_connect(forward_url(cdaemon, sandbox_id), ["portforward.k8s.io"], method="GET")
+        assert spdy_forward(forward, 0, port, b"x") == (b"x", b"")
+        forward.sock.shutdown(socket.SHUT_RDWR)
+        forward.close()
+    assert wait_until(lambda: _fds_and_threads(cdaemon) <= baseline), (
+        f"fds and threads {_fds_and_threads(cdaemon)}, {baseline} before"
+    )
 
 
 def _pids_named(seconds: str) -> list[int]:
