@@ -753,3 +753,71 @@ def test_random_valid_frames_never_escape_the_reader(sequence: list[spdy.Frame])
         except OSError:
             pass
         runner.join()
+
+
+# ---- frames recorded from a real client ------------------------------------------------------
+
+# What crictl v1.32.0 (client-go's SPDY executor over moby/spdystream) wrote after its
+# upgrade for `printf 'hello\n' | crictl exec -i CTR sh -c 'cat; ...'` against pyshim,
+# captured with strace on 2026-12-05: four SYN_STREAMs (error, stdin, stdout, stderr)
+# whose header blocks share one zlib context, stdin's data, then stdin's FIN.
+CRICTL_EXEC = bytes.fromhex(
+    "80030001000000290000000100000000000078f9e3c6a7c26260606004a7b392a2d4c45c6851c29a0a0a"
+    "6800000000ffff800300010000001700000003000000000000c22e555c92929907000000ffff80030001"
+    "0000001900000005000000000000c22ac5565c92925f5a02000000ffff80030001000000150000000700"
+    "0000000000c229975a5404000000ffff000000030000000668656c6c6f0a0000000301000000"
+)
+
+
+def test_frames_recorded_from_crictl_decode() -> None:
+    frames = spdy.decode_frames(CRICTL_EXEC, HeaderInflater())
+    assert [(f.stream_id, f.headers) for f in frames[:4] if isinstance(f, SynStream)] == [
+        (1, {"streamtype": "error"}),
+        (3, {"streamtype": "stdin"}),
+        (5, {"streamtype": "stdout"}),
+        (7, {"streamtype": "stderr"}),
+    ]
+    assert frames[4:] == [DataFrame(3, b"hello\n"), DataFrame(3, b"", fin=True)]
+
+
+def test_a_server_session_takes_crictls_recorded_exec() -> None:
+    ours, theirs = socket.socketpair()
+    arrived: list[Stream] = []
+
+    def accept(stream: Stream) -> None:
+        stream.reply()
+        arrived.append(stream)
+
+    # The first bytes come as h11's leftovers after the upgrade, the rest from the socket.
+    session = Session(ours, server=True, initial=CRICTL_EXEC[:50], on_stream=accept)
+    reader = threading.Thread(target=session.run, daemon=True)
+    reader.start()
+    try:
+        theirs.sendall(CRICTL_EXEC[50:])
+        stdin = _wait_for(lambda: next((s for s in arrived if s.headers["streamtype"] == "stdin"), None))
+        assert stdin.read(timeout=5) == b"hello\n"
+        assert stdin.read(timeout=5) == b""
+        assert sorted(s.headers["streamtype"] for s in arrived) == ["error", "stderr", "stdin", "stdout"]
+        # Our replies, as the client decodes them: one SYN_REPLY per stream, in order.
+        theirs.settimeout(5)
+        replies: list[spdy.Frame] = []
+        wire = b""
+        while len(replies) < 4:
+            wire += theirs.recv(65536)
+            replies = spdy.decode_frames(wire, HeaderInflater())  # afresh: one context per pass
+        assert [(type(f), f.stream_id) for f in replies[:4]] == [(SynReply, i) for i in (1, 3, 5, 7)]
+    finally:
+        session.close()
+        reader.join(5)
+        theirs.close()
+        ours.close()
+
+
+def _wait_for(find: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find()
+        if found is not None:
+            return found
+        time.sleep(0.01)
+    raise AssertionError("not found in time")
