@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Daemon, pod_config
-from containertools import busybox_archive, container_config, import_image, run, wait_state
+from containertools import busybox_archive, container_config, import_image, run, status, wait_state
 from streamclient import (
     HTTPError,
     http_request,
@@ -321,6 +321,26 @@ def test_attach_connects_to_the_containers_stdio(cdaemon: Daemon) -> None:
     assert result.stderr == b"err:one\nerr:two\n"
     # stdin_once: the first attach's end closed the container's stdin, so it ended.
     assert wait_state(cdaemon, container_id, api_pb2.CONTAINER_EXITED).state == api_pb2.CONTAINER_EXITED
+
+
+def test_stdin_stays_open_across_attaches_without_stdin_once(cdaemon: Daemon) -> None:
+    config = container_config("reader", ["sh", "-c", "while read l; do echo got:$l; done; echo eof"])
+    config.stdin = True
+    container_id = run(cdaemon, _pod(cdaemon), config)
+    request = api_pb2.AttachRequest(container_id=container_id, stdin=True, stdout=True)
+    for line in (b"one", b"two"):
+        # The client's end of stdin ends its attach, not the container's stdin.
+        client = spdy_connect(cdaemon.runtime.Attach(request, timeout=10).url, ["v4.channel.k8s.io"])
+        try:
+            client.session.open_stream({"streamtype": "error"}, fin=True)
+            stdin = client.session.open_stream({"streamtype": "stdin"})
+            stdout = client.session.open_stream({"streamtype": "stdout"}, fin=True)
+            stdin.write(line + b"\n")
+            assert stdout.read(timeout=20) == b"got:" + line + b"\n"
+            stdin.close()
+        finally:
+            client.close()
+    assert status(cdaemon, container_id).status.state == api_pb2.CONTAINER_RUNNING
 
 
 def test_attach_to_a_container_that_is_not_running_is_refused(cdaemon: Daemon) -> None:

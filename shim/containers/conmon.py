@@ -70,6 +70,7 @@ class Conmon:
         log_path: str,
         tty: bool,
         stdin: bool,
+        stdin_once: bool = False,
     ) -> list[str]:
         argv = [
             "conmon",
@@ -103,6 +104,10 @@ class Conmon:
             argv.append("--terminal")
         if stdin:
             argv.append("--stdin")
+            # Without it conmon closes the container's stdin when an attach client
+            # leaves: right for stdin_once, wrong otherwise (as CRI-O passes it).
+            if not stdin_once:
+                argv.append("--leave-stdin-open")
         return argv
 
     def launch(
@@ -115,6 +120,7 @@ class Conmon:
         cgroup: str,
         tty: bool = False,
         stdin: bool = False,
+        stdin_once: bool = False,
     ) -> Launched:
         """Start conmon in `cgroup` and have it create the container. On failure
         nothing of conmon is left (the runtime's half-made container is the caller's)."""
@@ -124,7 +130,7 @@ class Conmon:
             # Started from the bundle dir: conmon writes files into its cwd (an "oom" marker).
             # subprocess forks and execs in C: no Python runs in the child.
             child = subprocess.Popen(
-                self.argv(runtime, container_id, name, bundle, log_path, tty, stdin),
+                self.argv(runtime, container_id, name, bundle, log_path, tty, stdin, stdin_once),
                 executable=str(self.binary),
                 cwd=bundle,
                 env={

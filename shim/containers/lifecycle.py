@@ -212,6 +212,7 @@ class ContainerManager:
                 monitor_cgroup(pod.cgroup_parent, container_id),
                 tty=spec.config.tty,
                 stdin=spec.config.stdin,
+                stdin_once=spec.config.stdin_once,
             )
             undo.add("container-conmon", launched.monitor.kill_and_reap)
             self._inject("container-create")

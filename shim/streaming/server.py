@@ -22,7 +22,7 @@ from pathlib import Path
 
 import h11
 
-from shim.errors import InvalidArgument, ShimError
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound, ShimError
 from shim.streaming import portforward, remotecommand
 from shim.streaming.cache import RequestCache
 from shim.streaming.requests import AttachRequest, ExecRequest, PortForwardRequest, Targets
@@ -37,6 +37,8 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_CONNECTIONS = 512
 
 Request = ExecRequest | AttachRequest | PortForwardRequest
+# What a request that fails before its session gets (the container went, or stopped).
+_HTTP_STATUS: dict[type[ShimError], int] = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 409}
 _KINDS: dict[str, type] = {"exec": ExecRequest, "attach": AttachRequest, "portforward": PortForwardRequest}
 
 
@@ -142,10 +144,8 @@ class StreamServer:
                 portforward.serve(upgraded, stored, self.targets)
             else:
                 remotecommand.serve(upgraded, stored, self.targets)
-        except InvalidArgument as exc:
-            upgraded.refuse(400, str(exc))
         except ShimError as exc:
-            upgraded.refuse(500, str(exc))
+            upgraded.refuse(_HTTP_STATUS.get(type(exc), 500), str(exc))
 
 
 def _read_request(conn: socket.socket, http: h11.Connection) -> h11.Request | None:
