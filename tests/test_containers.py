@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -396,6 +397,27 @@ def test_stopping_a_pod_stops_its_containers_within_the_callers_deadline(cdaemon
     took = time.monotonic() - begin
     assert 2.5 <= took < 5  # the stubborn one waited out the grace (5 s less the margin), together
     assert status(cdaemon, polite).status.exit_code == 0  # SIGTERM, handled: a clean exit
+    assert status(cdaemon, stubborn).status.exit_code == 137
+
+
+def test_stopping_a_pod_does_not_wait_out_another_calls_grace_period(cdaemon: Daemon) -> None:
+    """kubelet's StopContainer with 30 s of grace may be running when StopPodSandbox
+    comes: the pod's stop kills at its own deadline, and both calls then return."""
+    sandbox_id, _ = pod(cdaemon, "crun", pid=api_pb2.POD)
+    stubborn = run(
+        cdaemon, sandbox_id, container_config("stubborn", ["sh", "-c", "trap '' TERM; sleep 3600"])
+    )
+    time.sleep(0.3)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            cdaemon.runtime.StopContainer,
+            api_pb2.StopContainerRequest(container_id=stubborn, timeout=120),
+            timeout=150,
+        )
+        time.sleep(0.5)
+        # Before the fix this waited for the first call's 120 s and ran out of deadline.
+        cdaemon.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=20)
+        first.result()
     assert status(cdaemon, stubborn).status.exit_code == 137
 
 

@@ -380,22 +380,38 @@ class ContainerManager:
         container = self.registry.find(container_id)
         if container is None:
             return
-        with container.lock:
-            if not container.removed:
-                self._stop_locked(container, timeout)
-
-    def _stop_locked(self, container: Container, timeout: float) -> None:
-        record = container.record
-        if record.state not in (ContainerState.RUNNING, ContainerState.UNKNOWN) or container.exited.is_set():
-            return
         if timeout > 0:
-            self._signal(container, record.stop_signal)
+            # The grace period is waited out without the container's lock: a second stop
+            # (StopPodSandbox after kubelet's StopContainer of 30 s) must be able to kill
+            # at its own deadline, not wait for the first one's.
+            with container.lock:
+                if container.removed or not self._stoppable(container):
+                    return
+                self._signal(container, container.record.stop_signal)
             if container.exited.wait(timeout):
-                log.info("event=container_stopped container=%s signal=%d", record.id, record.stop_signal)
+                log.info(
+                    "event=container_stopped container=%s signal=%d",
+                    container.id,
+                    container.record.stop_signal,
+                )
                 return
             log.warning(
-                "event=sigkill container=%s reason=no exit %.1fs after the stop signal", record.id, timeout
+                "event=sigkill container=%s reason=no exit %.1fs after the stop signal", container.id, timeout
             )
+        with container.lock:
+            if not container.removed:
+                self._kill_locked(container)
+
+    @staticmethod
+    def _stoppable(container: Container) -> bool:
+        running = container.record.state in (ContainerState.RUNNING, ContainerState.UNKNOWN)
+        return running and not container.exited.is_set()
+
+    def _kill_locked(self, container: Container) -> None:
+        """SIGKILL to every process of the container, and its exit awaited (under its lock)."""
+        record = container.record
+        if not self._stoppable(container):
+            return
         self._signal(container, signal.SIGKILL, every_process=True)
         if not container.exited.wait(KILL_WAIT):
             raise Internal(f"container {record.id} did not exit {KILL_WAIT:.0f}s after SIGKILL")
@@ -424,7 +440,7 @@ class ContainerManager:
         with container.lock:
             if container.removed:
                 return
-            self._stop_locked(container, 0)
+            self._kill_locked(container)
             self._teardown(container)
         self.registry.discard(container)
         self._announce(EventType.DELETED, container)

@@ -31,9 +31,10 @@ class NetworkSelector:
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._pod_cidr = PodCidr.load(config.root)
         self._pending: ipaddress.IPv4Network | None = None  # kubelet's range, not taken yet
-        # Guards switching the bridge's subnet against set-ups in flight.
-        self._lock = threading.Lock()
-        self._setups = 0
+        # Guards making and switching the bridge against its users in flight (set-ups,
+        # teardowns, checks): a switch closes the old network's sockets.
+        self._lock = threading.RLock()
+        self._users = 0
         self._current()  # the node set-up of the built-in network happens at start
 
     def _current(self) -> BridgeNetwork | cni.CniNetwork:
@@ -51,6 +52,10 @@ class NetworkSelector:
         return ipaddress.IPv4Network(self.config.pod_subnet or self._pod_cidr.subnet or DEFAULT_POD_SUBNET)
 
     def bridge(self) -> BridgeNetwork:
+        with self._lock:
+            return self._bridge_locked()
+
+    def _bridge_locked(self) -> BridgeNetwork:
         if self._bridge is None:
             c = self.config
             self._bridge = BridgeNetwork(
@@ -119,7 +124,7 @@ class NetworkSelector:
         if self._pending is None:
             return
         bridge = self._bridge
-        if bridge is not None and (self._setups or bridge.ipam.allocated()):
+        if bridge is not None and (self._users or bridge.ipam.allocated()):
             log.info("event=pod_cidr_pending subnet=%s reason=pods_on_the_bridge", self._pending)
             return
         old = self.subnet()
@@ -129,7 +134,7 @@ class NetworkSelector:
         if bridge is not None:
             self._bridge = None
             bridge.retire()
-            self.bridge()
+            self._bridge_locked()
         log.info("event=pod_subnet_changed from=%s to=%s", old, self.subnet())
 
     def kind(self) -> str:
@@ -146,24 +151,40 @@ class NetworkSelector:
         with self._lock:
             self._take_pending()
             backend = self._current()
-            self._setups += 1
+            self._users += 1
         try:
             with metrics.network("setup", backend.KIND):
                 pod = backend.setup(sandbox_id, netns_path, pod_netlink, ports, metadata)
         finally:
-            with self._lock:
-                self._setups -= 1
+            self._done_using()
         return replace(pod, backend=backend.KIND)
+
+    def _using(self, pod: PodNetwork | None) -> BridgeNetwork | cni.CniNetwork:
+        with self._lock:
+            backend = self._current() if pod is None else self._for(pod)
+            self._users += 1
+            return backend
+
+    def _done_using(self) -> None:
+        with self._lock:
+            self._users -= 1
 
     def teardown(
         self, sandbox_id: str, pod: PodNetwork | None, netns_path: str, metadata: Metadata | None
     ) -> None:
-        backend = self._current() if pod is None else self._for(pod)
-        with metrics.network("teardown", backend.KIND):
-            backend.teardown(sandbox_id, pod, netns_path, metadata)
+        backend = self._using(pod)
+        try:
+            with metrics.network("teardown", backend.KIND):
+                backend.teardown(sandbox_id, pod, netns_path, metadata)
+        finally:
+            self._done_using()
 
     def check(self, sandbox_id: str, pod: PodNetwork, netns_path: str, metadata: Metadata) -> None:
-        self._for(pod).check(sandbox_id, pod, netns_path, metadata)
+        backend = self._using(pod)
+        try:
+            backend.check(sandbox_id, pod, netns_path, metadata)
+        finally:
+            self._done_using()
 
     def reconcile(self, live: dict[str, PodNetwork]) -> None:
         bridge_pods = {i: p for i, p in live.items() if p.backend == "bridge"}

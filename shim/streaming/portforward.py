@@ -30,7 +30,7 @@ from shim import metrics
 from shim.errors import InvalidArgument
 from shim.streaming import spdy
 from shim.streaming.requests import PortForwardRequest, Targets
-from shim.streaming.upgrade import SPDY, STREAM_PROTOCOL, WEBSOCKET, Upgraded, negotiate
+from shim.streaming.upgrade import SPDY, STREAM_PROTOCOL, WEBSOCKET, Upgraded, check_upgrade, negotiate
 from shim.streaming.websocket import ChannelOutput, ChannelSocket
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SPDY_PROTOCOL = "portforward.k8s.io"
 WEBSOCKET_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "portforward.k8s.io")
 PAIR_TIMEOUT = 30.0
+OTHER_SIDE_GRACE = 1.0
 DIAL_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 MAX_PORTS = 64  # per WebSocket connection
@@ -124,6 +125,17 @@ def _port(raw: str, request: PortForwardRequest) -> int:
     return port
 
 
+def _failure(port: str, sandbox_id: str, exc: Exception) -> bytes:
+    """What the error stream says, in kubelet's words (the uid is kubelet's to know)."""
+    if isinstance(exc, OSError):
+        reason = (
+            f"failed to connect to localhost:{port} inside the pod's network namespace: {exc.strerror or exc}"
+        )
+    else:
+        reason = str(exc)
+    return f"error forwarding port {port} to pod {sandbox_id}, uid : {reason}".encode()
+
+
 def _pump(source: Callable[[], bytes], sink: Callable[[bytes], None], done: Callable[[], None]) -> None:
     try:
         while data := source():
@@ -138,14 +150,16 @@ def _pump(source: Callable[[], bytes], sink: Callable[[bytes], None], done: Call
 def _copy(
     sock: socket.socket, read: Callable[[], bytes], write: Callable[[bytes], None], end: Callable[[], None]
 ) -> None:
-    """Both directions until both ended: the client's end half-closes the TCP
-    connection; the pod's end ends the client's stream."""
+    """Both directions: the client's end half-closes the TCP connection; the pod's end
+    ends the client's stream, and then the client gets a second to finish its side
+    before everything is closed (as containerd and CRI-O do: client-go closes its local
+    connection only when the whole forwarded one ended)."""
     inbound = threading.Thread(
         target=_pump, args=(read, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR)), daemon=True
     )
     inbound.start()
     _pump(lambda: sock.recv(CHUNK), write, end)
-    inbound.join()
+    inbound.join(OTHER_SIDE_GRACE)
 
 
 # ---- SPDY ---------------------------------------------------------------------------
@@ -165,6 +179,7 @@ class _SpdyForwarder:
     pairs: dict[str, _Pair] = field(default_factory=dict)
     sockets: set[socket.socket] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False  # the session ended: a dial that completes now is hung up at once
 
     def on_stream(self, stream: spdy.Stream) -> None:
         kind = stream.headers.get("streamtype", "")
@@ -201,17 +216,16 @@ class _SpdyForwarder:
             port = _port(data.headers.get("port", ""), self.request)
             sock = dial(self.netns, port)
         except (InvalidArgument, OSError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             with contextlib.suppress(spdy.StreamClosed, OSError):
-                error.write(
-                    f"error forwarding port {data.headers.get('port', '')} to pod {self.request.sandbox_id}: "
-                    f"{reason}".encode()
-                )
+                error.write(_failure(data.headers.get("port", ""), self.request.sandbox_id, exc))
             for stream in (error, data):
                 with contextlib.suppress(spdy.StreamClosed, OSError):
                     stream.close()
             return
         with self.lock:
+            if self.closed:
+                sock.close()
+                return
             self.sockets.add(sock)
         try:
             _copy(sock, data.read, data.write, data.close)
@@ -224,6 +238,7 @@ class _SpdyForwarder:
 
     def abort(self) -> None:
         with self.lock:
+            self.closed = True
             live = list(self.sockets)
         for sock in live:
             with contextlib.suppress(OSError):
@@ -231,6 +246,7 @@ class _SpdyForwarder:
 
 
 def _serve_spdy(upgraded: Upgraded, request: PortForwardRequest, netns: Path | None) -> None:
+    check_upgrade(upgraded)
     offered = upgraded.values(STREAM_PROTOCOL)
     if negotiate(offered, (SPDY_PROTOCOL,)) is None:
         upgraded.refuse(
@@ -253,8 +269,7 @@ def _serve_spdy(upgraded: Upgraded, request: PortForwardRequest, netns: Path | N
 
 
 def _serve_websocket(upgraded: Upgraded, request: PortForwardRequest, netns: Path | None) -> None:
-    if upgraded.request.method != b"GET" or not upgraded.values("sec-websocket-key"):
-        raise InvalidArgument("a WebSocket upgrade is a GET with a Sec-WebSocket-Key")
+    check_upgrade(upgraded)
     # The call's ports, as kubelet's server takes them; a call that named none may name
     # them in the query (?port=80&port=8080), as Kubernetes' own API does.
     ports = list(request.ports) or [
@@ -277,15 +292,25 @@ def _serve_websocket(upgraded: Upgraded, request: PortForwardRequest, netns: Pat
         try:
             sockets[index] = dial(netns, port)
         except OSError as exc:
-            ws.send(
-                2 * index + 1,
-                f"error forwarding port {port} to pod {request.sandbox_id}: {exc.strerror}".encode(),
-            )
+            ws.send(2 * index + 1, _failure(str(port), request.sandbox_id, exc))
+    # As kubelet's server: once every port's connection has ended, so does the WebSocket.
+    open_ports = [len(sockets)]
+    lock = threading.Lock()
+
+    def ended() -> None:
+        with lock:
+            open_ports[0] -= 1
+            last = open_ports[0] == 0
+        if last:
+            ws.close()
+
+    if not sockets:
+        ws.close()
     pumps = []
     for index, sock in sockets.items():
         out = ChannelOutput(ws, 2 * index)
         thread = threading.Thread(
-            target=_pump, args=(lambda s=sock: s.recv(CHUNK), out.write, lambda: None), daemon=True
+            target=_pump, args=(lambda s=sock: s.recv(CHUNK), out.write, ended), daemon=True
         )
         thread.start()
         pumps.append(thread)

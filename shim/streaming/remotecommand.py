@@ -35,7 +35,15 @@ from shim.streaming.session import (
     run_attach,
     run_exec,
 )
-from shim.streaming.upgrade import SPDY, STREAM_PROTOCOL, WEBSOCKET, Upgraded, negotiate
+from shim.streaming.upgrade import (
+    SPDY,
+    STREAM_PROTOCOL,
+    WEBSOCKET,
+    Upgraded,
+    check_upgrade,
+    half_close,
+    negotiate,
+)
 from shim.streaming.websocket import CLOSE_SIGNAL, ChannelInput, ChannelOutput, ChannelSocket
 
 log = logging.getLogger(__name__)
@@ -91,9 +99,14 @@ def _run(target: ExecTarget | AttachTarget, io: StreamIO) -> Outcome:
             return Outcome(exit_code=run_exec(target, io))
         run_attach(target, io)
         return Outcome(exit_code=None)
-    except ShimError as exc:
-        log.info("event=stream_failed container=%s reason=%r", target.container_id, str(exc))
-        return Outcome(exit_code=None, error=str(exc))
+    except Exception as exc:  # whatever it is, the client hears of it: never a silent success
+        reason = str(exc) if isinstance(exc, ShimError) else f"{type(exc).__name__}: {exc}"
+        log.info("event=stream_failed container=%s reason=%r", target.container_id, reason)
+        log.debug("event=stream_failed_traceback", exc_info=not isinstance(exc, ShimError))
+        what = (
+            "executing command in container" if isinstance(target, ExecTarget) else "attaching to container"
+        )
+        return Outcome(exit_code=None, error=f"error {what}: {reason}")
 
 
 def status(protocol: str, request: Request, outcome: Outcome) -> bytes:
@@ -106,8 +119,15 @@ def status(protocol: str, request: Request, outcome: Outcome) -> bytes:
 def _status_object(request: Request, outcome: Outcome) -> dict[str, object]:
     if not outcome.error and not outcome.exit_code:
         return {"metadata": {}, "status": "Success"}
-    if outcome.error:
-        return {"metadata": {}, "status": "Failure", "message": outcome.error, "reason": "InternalError"}
+    if outcome.error:  # as Kubernetes' NewInternalError reads
+        return {
+            "metadata": {},
+            "status": "Failure",
+            "message": f"Internal error occurred: {outcome.error}",
+            "reason": "InternalError",
+            "details": {"causes": [{"message": outcome.error}]},
+            "code": 500,
+        }
     return {
         "metadata": {},
         "status": "Failure",
@@ -121,9 +141,10 @@ def _message(request: Request, outcome: Outcome) -> str:
     if outcome.error:
         return outcome.error
     if outcome.exit_code:
-        cmd = list(request.cmd) if isinstance(request, ExecRequest) else []
+        # The command as Go prints a slice, as containerd's message has it.
+        cmd = " ".join(request.cmd) if isinstance(request, ExecRequest) else ""
         return (
-            f"command terminated with non-zero exit code: error executing command {cmd}, "
+            f"command terminated with non-zero exit code: error executing command [{cmd}], "
             f"exit code {outcome.exit_code}"
         )
     return ""
@@ -163,11 +184,15 @@ class _Collector:
             else:
                 stream.reset(spdy.REFUSED_STREAM)
                 return
-            if self.wanted <= self.streams.keys():
+            if self.complete():
                 self.ready.set()
+
+    def complete(self) -> bool:
+        return self.wanted <= self.streams.keys()
 
 
 def _serve_spdy(upgraded: Upgraded, request: Request, run: Callable[[StreamIO], Outcome]) -> str:
+    check_upgrade(upgraded)
     offered = upgraded.values(STREAM_PROTOCOL)
     if not offered:
         raise InvalidArgument("unable to upgrade: X-Stream-Protocol-Version is required")
@@ -183,10 +208,14 @@ def _serve_spdy(upgraded: Upgraded, request: Request, run: Callable[[StreamIO], 
     initial = upgraded.switch_spdy(protocol)
     session = spdy.Session(upgraded.conn, server=True, initial=initial, on_stream=collector)
     io_box: list[StreamIO] = []
-    reader = threading.Thread(target=_read_until_gone(session, io_box), name="spdy-read", daemon=True)
+    reader = threading.Thread(
+        target=_read_until_gone(session, io_box, collector.ready), name="spdy-read", daemon=True
+    )
     reader.start()
     try:
-        if not collector.ready.wait(STREAM_CREATION_TIMEOUT) or session.closed.is_set():
+        # Woken by the last stream, or by the connection's end (the reader sets it too).
+        collector.ready.wait(STREAM_CREATION_TIMEOUT)
+        if not collector.complete() or session.closed.is_set():
             log.info("event=stream_refused reason=streams_not_created protocol=%s", protocol)
             return protocol
         streams = collector.streams
@@ -210,27 +239,31 @@ def _serve_spdy(upgraded: Upgraded, request: Request, run: Callable[[StreamIO], 
             streams["error"].close()
         return protocol
     finally:
-        _linger(upgraded.conn, reader)
+        _linger(session, upgraded.conn, reader)
         session.close()
 
 
-def _read_until_gone(session: spdy.Session, io_box: list[StreamIO]) -> Callable[[], None]:
+def _read_until_gone(
+    session: spdy.Session, io_box: list[StreamIO], waiting: threading.Event
+) -> Callable[[], None]:
     def read() -> None:
         try:
             session.run()
         finally:
             session.close()
+            waiting.set()  # nobody waits for streams a closed connection cannot bring
             if io_box:
                 io_box[0].client_gone()
 
     return read
 
 
-def _linger(conn: socket.socket, reader: threading.Thread) -> None:
-    """Half-close and let the client read the end before the socket goes: closing with
-    unread input would reset the connection and could lose our last frames."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
+def _linger(session: spdy.Session, conn: socket.socket, reader: threading.Thread) -> None:
+    """GOAWAY, half-close, and let the client read the end and hang up before the socket
+    goes: closing with unread input would reset the connection and could lose our last
+    frames."""
+    session.goaway()
+    half_close(conn)
     reader.join(LINGER)
 
 
@@ -255,7 +288,7 @@ def _size_reader(read: Callable[[], bytes]) -> Callable[[], TerminalSize | None]
                         return size
                     continue
                 if len(buffer) > MAX_RESIZE_MESSAGE:
-                    return None
+                    buffer = ""  # garbage: dropped, and reading goes on (a stalled stream stalls all)
             data = read()
             if not data:
                 return None
@@ -267,9 +300,14 @@ def _size_reader(read: Callable[[], bytes]) -> Callable[[], TerminalSize | None]
 # ---- WebSocket ----------------------------------------------------------------------
 
 
+def _end_inputs(*inputs: ChannelInput | None) -> None:
+    for channel in inputs:
+        if channel is not None:
+            channel.end()
+
+
 def _serve_websocket(upgraded: Upgraded, request: Request, run: Callable[[StreamIO], Outcome]) -> str:
-    if upgraded.request.method != b"GET" or not upgraded.values("sec-websocket-key"):
-        raise InvalidArgument("a WebSocket upgrade is a GET with a Sec-WebSocket-Key")
+    check_upgrade(upgraded)
     offered = upgraded.values("sec-websocket-protocol")
     protocol = negotiate(offered, WEBSOCKET_PROTOCOLS)
     if protocol is None:
@@ -286,7 +324,7 @@ def _serve_websocket(upgraded: Upgraded, request: Request, run: Callable[[Stream
         elif channel == RESIZE and resize_input is not None:
             resize_input.feed(data)
         elif channel == CLOSE_SIGNAL and protocol == V5 and data == bytes([STDIN]) and stdin is not None:
-            stdin.end()
+            stdin.finish()
 
     io = StreamIO(
         stdin=stdin,
@@ -299,9 +337,7 @@ def _serve_websocket(upgraded: Upgraded, request: Request, run: Callable[[Stream
         try:
             ws.run(on_message)
         finally:
-            for channel in (stdin, resize_input):
-                if channel is not None:
-                    channel.end()
+            _end_inputs(stdin, resize_input)
             io.client_gone()
 
     # As kubelet's server: an empty message on the first channel we write to says the
@@ -311,6 +347,7 @@ def _serve_websocket(upgraded: Upgraded, request: Request, run: Callable[[Stream
     reader.start()
     try:
         outcome = run(io)
+        _end_inputs(stdin, resize_input)  # the read loop never waits on inputs nobody reads
         with contextlib.suppress(OSError):
             message = status(protocol, request, outcome)
             if message:

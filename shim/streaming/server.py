@@ -16,7 +16,9 @@ import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +32,10 @@ from shim.streaming.upgrade import Upgraded, reject
 
 log = logging.getLogger(__name__)
 
-# Seconds a connection gets to send its request (and finish a TLS handshake).
+# Seconds a connection gets to send its whole request (and finish a TLS handshake).
 REQUEST_TIMEOUT = 10.0
+# Seconds a write to a client that does not read may block: kubelet's stream idle timeout.
+IDLE_TIMEOUT = 4 * 3600
 MAX_HEADER_BYTES = 16 * 1024
 # Connections at once: sessions plus those still sending their request.
 MAX_CONNECTIONS = 512
@@ -90,29 +94,40 @@ class StreamServer:
         while not self._closed.is_set():
             try:
                 conn, peer = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closed.is_set():
                     return
+                # Out of fds (EMFILE) and the like: a pause, not a spin, not an end.
+                log.warning("event=stream_accept_failed reason=%r", exc.strerror)
+                time.sleep(0.1)
                 continue
             if not self._slots.acquire(blocking=False):
                 log.warning("event=stream_refused reason=too_many_connections peer=%s", peer[0])
                 conn.close()
                 continue
-            threading.Thread(
-                target=self._serve, args=(conn, peer[0]), name="stream-conn", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve, args=(conn, peer[0]), name="stream-conn", daemon=True
+                ).start()
+            except RuntimeError:  # no thread to be had: this connection goes, the loop stays
+                conn.close()
+                self._slots.release()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
+        raw = conn
         with self._lock:
-            self._connections.add(conn)
+            self._connections.add(raw)
+        deadline = time.monotonic() + REQUEST_TIMEOUT
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(REQUEST_TIMEOUT)
+            _tune(conn)
             if self._tls is not None:
-                conn = self._tls.wrap_socket(conn, server_side=True)
+                conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                conn.settimeout(REQUEST_TIMEOUT)
+                conn.do_handshake()
                 with self._lock:
+                    self._connections.discard(raw)
                     self._connections.add(conn)
-            self._handle(conn, peer)
+            self._handle(conn, peer, deadline)
         except Exception as exc:  # one connection's trouble never reaches the others
             log.info("event=stream_failed peer=%s reason=%r", peer, f"{type(exc).__name__}: {exc}")
         finally:
@@ -122,9 +137,9 @@ class StreamServer:
                 conn.close()
             self._slots.release()
 
-    def _handle(self, conn: socket.socket, peer: str) -> None:
+    def _handle(self, conn: socket.socket, peer: str, deadline: float) -> None:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        request = _read_request(conn, http)
+        request = _read_request(conn, http, deadline)
         if request is None:
             return
         kind, _, token = request.target.decode("ascii", "replace").partition("?")[0].strip("/").partition("/")
@@ -148,7 +163,17 @@ class StreamServer:
             upgraded.refuse(_HTTP_STATUS.get(type(exc), 500), str(exc))
 
 
-def _read_request(conn: socket.socket, http: h11.Connection) -> h11.Request | None:
+def _tune(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A peer that vanished is noticed (keepalive); one that stops reading blocks our writes
+    # for at most as long as kubelet's streams may idle.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", IDLE_TIMEOUT, 0))
+
+
+def _read_request(conn: socket.socket, http: h11.Connection, deadline: float) -> h11.Request | None:
+    """The request, if it comes whole before `deadline` (the whole of it: a client that
+    sends a byte at a time gets no longer)."""
     while True:
         try:
             event = http.next_event()
@@ -159,6 +184,10 @@ def _read_request(conn: socket.socket, http: h11.Connection) -> h11.Request | No
         if isinstance(event, h11.Request):
             return event
         if event is h11.NEED_DATA:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            conn.settimeout(left)
             data = conn.recv(MAX_HEADER_BYTES)
             http.receive_data(data)
             if not data:

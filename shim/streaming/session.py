@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from shim.containers.exec import ENV, kill_command, process_for
 from shim.containers.runtime import Runtime
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CHUNK = 32 * 1024
 # How long the runtime gets to hand over the terminal of an exec.
 CONSOLE_WAIT = 10.0
+# How long an abort waits for the runtime to say which process it started.
+PID_FILE_WAIT = 5.0
 # After an exec'd command ended, output still buffered in pipes that a process it
 # left behind holds open: how long we keep copying before we end the session.
 DRAIN_WAIT = 2.0
@@ -162,9 +164,15 @@ def _killer(
     proc: subprocess.Popen[bytes], pid_file: Path, target: ExecTarget, why: str
 ) -> Callable[[], None]:
     def kill() -> None:
-        if proc.poll() is None:
-            log.info("event=exec_killed container=%s reason=%s", target.container_id, why)
-            kill_command(proc, pid_file, target.tasks)
+        if proc.poll() is not None:
+            return
+        log.info("event=exec_killed container=%s reason=%s", target.container_id, why)
+        # A client that leaves at once may beat the runtime's pid file: wait for it (or
+        # for the runtime to give up), else the command would start after the kill.
+        deadline = time.monotonic() + PID_FILE_WAIT
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        kill_command(proc, pid_file, target.tasks)
 
     return kill
 
@@ -181,7 +189,10 @@ def _exec_pipes(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: 
     io.on_abort(_killer(proc, pid_file, target, "client gone"))
     if io.stdin is not None:
         assert proc.stdin is not None
-        stdin, pipe = io.stdin, proc.stdin
+        # The pump owns the pipe's write end: the command sees EOF when the client's
+        # stdin ends, and no fd number of ours is written to after it was closed.
+        stdin, pipe = io.stdin, os.dup(proc.stdin.fileno())
+        proc.stdin.close()
         _daemon(lambda: _pump_to_fd(stdin, pipe), "exec-stdin")
     assert proc.stdout is not None and proc.stderr is not None
     outputs = {proc.stdout.fileno(): io.stdout, proc.stderr.fileno(): io.stderr}
@@ -195,16 +206,15 @@ def _exec_pipes(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: 
                     stream.close()
 
 
-def _pump_to_fd(source: Input, sink: IO[bytes]) -> None:
-    """Client stdin into a pipe; its end closes the pipe (the command sees EOF)."""
+def _pump_to_fd(source: Input, fd: int) -> None:
+    """Client stdin into `fd`, which the pump owns and closes at the end (EOF)."""
     try:
         while data := source.read():
-            _write_all(sink.fileno(), data)
+            _write_all(fd, data)
     except OSError:
         pass  # the command is gone
     finally:
-        with contextlib.suppress(OSError):
-            sink.close()
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -264,8 +274,7 @@ def _exec_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_fil
             kill_command(proc, pid_file, target.tasks)
             raise
         io.on_abort(_killer(proc, pid_file, target, "client gone"))
-        fd = master
-        return _serve_terminal(master, proc, io, lambda size: _set_size(fd, size))
+        return _serve_terminal(master, proc, io, lambda fd, size: _set_size(fd, size))
     finally:
         listener.close()
         if master >= 0:
@@ -297,12 +306,7 @@ def _exec_host_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pi
     try:
         io.on_abort(_killer(proc, pid_file, target, "client gone"))
 
-        def resize(size: TerminalSize) -> None:
-            _set_size(master, size)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGWINCH)
-
-        return _serve_terminal(master, proc, io, resize)
+        return _serve_terminal(master, proc, io, lambda fd, size: _resize_runc(fd, size, proc))
     finally:
         os.close(master)
 
@@ -335,24 +339,39 @@ def _receive_terminal(listener: socket.socket, proc: subprocess.Popen[bytes], ta
 
 
 def _serve_terminal(
-    master: int, proc: subprocess.Popen[bytes], io: StreamIO, apply: Callable[[TerminalSize], None]
+    master: int, proc: subprocess.Popen[bytes], io: StreamIO, apply: Callable[[int, TerminalSize], None]
 ) -> int:
     if io.resize is not None:
-        resize = io.resize
-        _daemon(lambda: _apply_sizes(resize, apply), "exec-resize")
+        resize, sized = io.resize, os.dup(master)
+        _daemon(lambda: _apply_sizes(resize, lambda size: apply(sized, size), sized), "exec-resize")
     if io.stdin is not None:
-        stdin = io.stdin
-        _daemon(lambda: _pump_to_terminal(stdin, master), "exec-tty-stdin")
+        stdin, own = io.stdin, os.dup(master)  # the pump's own: closed by it, never reused under it
+        _daemon(lambda: _pump_to_terminal(stdin, own), "exec-tty-stdin")
     _copy_terminal(master, io.stdout, proc)
     if proc.stderr is not None:
         proc.stderr.close()
     return _exit_code(proc.wait())
 
 
-def _apply_sizes(next_size: Callable[[], TerminalSize | None], apply: Callable[[TerminalSize], None]) -> None:
-    while (size := next_size()) is not None:
-        with contextlib.suppress(OSError):
-            apply(size)
+def _apply_sizes(
+    next_size: Callable[[], TerminalSize | None], apply: Callable[[TerminalSize], None], own: int = -1
+) -> None:
+    """Every size the client sends, until it sends no more; `own` (an fd of the
+    thread's own) is closed at the end."""
+    try:
+        while (size := next_size()) is not None:
+            if size.width and size.height:  # a zero size is no size, as runtimes take it
+                with contextlib.suppress(OSError):
+                    apply(size)
+    finally:
+        if own >= 0:
+            os.close(own)
+
+
+def _resize_runc(fd: int, size: TerminalSize, proc: subprocess.Popen[bytes]) -> None:
+    _set_size(fd, size)
+    if proc.poll() is None:  # never a signal to a pid that may have been reused
+        os.kill(proc.pid, signal.SIGWINCH)
 
 
 def _set_size(fd: int, size: TerminalSize) -> None:
@@ -360,12 +379,16 @@ def _set_size(fd: int, size: TerminalSize) -> None:
 
 
 def _pump_to_terminal(source: Input, master: int) -> None:
-    with contextlib.suppress(OSError):
+    try:
         while data := source.read():
             _write_all(master, data)
         # A terminal has no half-close: the end of input is its EOF character.
         eof = termios.tcgetattr(master)[6][termios.VEOF]
         _write_all(master, eof if isinstance(eof, bytes) else bytes([eof]))
+    except OSError:
+        pass  # the command and its terminal are gone
+    finally:
+        os.close(master)
 
 
 def _copy_terminal(master: int, sink: Output | None, proc: subprocess.Popen[bytes]) -> None:
@@ -420,6 +443,11 @@ def run_attach(target: AttachTarget, io: StreamIO) -> None:
         if io.stdin is not None and target.stdin:
             stdin = io.stdin
             _daemon(lambda: _pump_to_socket(stdin, sock), "attach-stdin")
+        elif io.stdin is not None:
+            # The container has no stdin: what the client sends is dropped, not left to
+            # fill the transport's buffers (which would stop it noticing the client go).
+            drained = io.stdin
+            _daemon(lambda: _drain(drained), "attach-stdin-drop")
         while True:
             try:
                 message = sock.recv(_ATTACH_BUFFER)
@@ -458,6 +486,12 @@ def _pump_to_socket(source: Input, sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def _drain(source: Input) -> None:
+    with contextlib.suppress(OSError):
+        while source.read():
+            pass
+
+
 def _resize_through(control: Path, size: TerminalSize) -> None:
     fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -471,7 +505,7 @@ def parse_size(raw: bytes) -> TerminalSize | None:
     try:
         value = json.loads(raw)
         width, height = int(value["Width"]), int(value["Height"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None
     if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
         return None

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
@@ -135,6 +136,9 @@ _RECV_SIZE = 256 * 1024
 _UPDATE_THRESHOLD = INITIAL_WINDOW // 2
 # How long close() waits for a writer to finish its frame before giving up the GOAWAY.
 _GOAWAY_LOCK_WAIT = 0.5
+# While the reader waits for the application to catch up: how often it checks that the
+# peer is still there.
+_HANGUP_CHECK = 1.0
 
 # The SPDY/3 header compression dictionary (1423 bytes): length-prefixed words,
 # then a run of status lines, dates and common values.
@@ -676,6 +680,13 @@ class Session:
             with self._cond:
                 self._pings.pop(ping_id, None)
 
+    def goaway(self) -> None:
+        """Tell the peer we are done (GOAWAY OK), as spdystream's Close does, without
+        closing: the peer may still read what we sent, then hang up."""
+        with self._cond:
+            last = self._last_peer_id
+        self._goaway(GoAway(last, GOAWAY_OK))
+
     def close(self) -> None:
         """GOAWAY (best effort), then shutdown; wakes every blocked reader and writer.
         For a graceful end, close the streams and wait for the peer's GOAWAY (run()
@@ -802,9 +813,12 @@ class Session:
         # Back-pressure on a peer that ignores our windows: stop reading the socket
         # until the application has read enough (a frame larger than the whole budget
         # is let in once everything else was read).
-        self._cond.wait_for(
-            lambda: self._buffered == 0 or self._buffered + n <= self._max_buffered or stream._gone()
-        )
+        room = lambda: self._buffered == 0 or self._buffered + n <= self._max_buffered or stream._gone()  # noqa: E731
+        while not self._cond.wait_for(room, _HANGUP_CHECK):
+            # Not reading the socket meanwhile: a peer that hung up would go unnoticed,
+            # and whatever waits for it (an exec'd command to kill) would wait for ever.
+            if _hung_up(self._sock):
+                raise EOFError
         if stream._gone():
             self._credit(0, n)
             return
@@ -1018,3 +1032,10 @@ class Session:
 
 def _first_values(headers: dict[str, str]) -> dict[str, str]:
     return {name: value.split("\0", 1)[0] for name, value in headers.items()}
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed or reset the connection (seen without reading from it)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))

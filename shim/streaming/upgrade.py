@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 import h11
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
+
+from shim.errors import InvalidArgument
 
 SPDY = "spdy/3.1"
 WEBSOCKET = "websocket"
@@ -99,3 +102,23 @@ def negotiate(offered: list[str], supported: tuple[str, ...]) -> str | None:
     if not offered:
         return ""
     return next((p for p in offered if p in supported), None)
+
+
+def check_upgrade(upgraded: Upgraded) -> None:
+    """What an upgrade needs besides its Upgrade header: `Connection: Upgrade`, and for
+    WebSocket a GET with a key."""
+    if "upgrade" not in (v.lower() for v in upgraded.values("connection")):
+        raise InvalidArgument("unable to upgrade: missing Connection: Upgrade in the request")
+    if upgraded.kind == WEBSOCKET and (
+        upgraded.request.method != b"GET" or not upgraded.values("sec-websocket-key")
+    ):
+        raise InvalidArgument("a WebSocket upgrade is a GET with a Sec-WebSocket-Key")
+
+
+def half_close(conn: socket.socket) -> None:
+    """No more from us; the peer may still talk. Not on TLS: Python's SSLSocket drops
+    TLS on any shutdown, and the peer would then read plain bytes."""
+    if isinstance(conn, ssl.SSLSocket):
+        return
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)

@@ -20,6 +20,8 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
+from shim.streaming.upgrade import half_close
+
 CLOSE_SIGNAL = 255
 # A client message may carry stdin or forwarded data: bounded, as every frame we take.
 MAX_MESSAGE = 1024 * 1024
@@ -49,8 +51,7 @@ class ChannelSocket:
             with contextlib.suppress(Exception):
                 if self.ws.state is ConnectionState.OPEN:
                     self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason)))
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
+            half_close(self.sock)
 
     def run(self, on_message: Callable[[int, bytes], None]) -> None:
         """Read until the connection ends, handing each message to `on_message`
@@ -122,18 +123,39 @@ class ChannelInput:
         self._ended = False
 
     def feed(self, data: bytes) -> None:
-        if not self._ended and data:
-            self._queue.put(data)
+        """Blocks while the queue is full (back-pressure on the client), until the
+        input is ended: then what comes is dropped."""
+        while data and not self._ended:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(data, timeout=0.5)
+                return
+
+    def finish(self) -> None:
+        """The client's end of input (v5's close signal): read after what came before it."""
+        while not self._ended:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=0.5)
+                return
 
     def end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._queue.put(None)
+        """The session's end. Never blocks: unread input is dropped, and every read from
+        now on sees the end."""
+        self._ended = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
 
     def read(self) -> bytes:
+        if self._ended and self._queue.empty():
+            return b""
         data = self._queue.get()
         if data is None:
-            self._queue.put(None)  # every later read sees the end too
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)  # every later read sees the end too
             return b""
         return data
 
