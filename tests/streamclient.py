@@ -117,11 +117,16 @@ class SpdyClient:
     session: spdy.Session
     protocol: str
     reader: threading.Thread
+    others: tuple[socket.socket, ...] = ()  # a tunnel's WebSocket and relay
 
     def close(self) -> None:
         self.session.close()
         self.reader.join(TIMEOUT)
         self.sock.close()
+        for sock in self.others:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 def spdy_connect(url: str, protocols: list[str], method: str = "POST") -> SpdyClient:
@@ -353,3 +358,54 @@ def wait_until(predicate: object, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def tunnel_connect(url: str) -> SpdyClient:
+    """Port forwarding as client-go's WebSocket tunnel does it: SPDY carried in the
+    binary messages of a WebSocket with subprotocol SPDY/3.1+portforward.k8s.io."""
+    client = ws_connect(url, ["SPDY/3.1+portforward.k8s.io"])
+    ours, relay = socket.socketpair()
+
+    def from_websocket() -> None:
+        with contextlib.suppress(OSError):
+            client.sock.settimeout(None)
+            for _, data in _raw_messages(client):
+                relay.sendall(data)
+        with contextlib.suppress(OSError):
+            relay.shutdown(socket.SHUT_RDWR)
+
+    def to_websocket() -> None:
+        with contextlib.suppress(OSError):
+            while data := relay.recv(65536):
+                client.sock.sendall(client.ws.send(BytesMessage(data=data)))
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_RDWR)
+
+    for relay_part in (from_websocket, to_websocket):
+        threading.Thread(target=relay_part, daemon=True).start()
+    session = spdy.Session(ours, server=False)
+    reader = threading.Thread(target=session.run, daemon=True)
+    reader.start()
+    return SpdyClient(ours, session, client.protocol, reader, (client.sock, relay))
+
+
+def _raw_messages(client: WebSocketClient) -> Iterator[tuple[int, bytes]]:
+    """Binary messages whole, without a channel byte."""
+    parts: list[bytes] = []
+    while True:
+        data = client.sock.recv(65536)
+        if not data:
+            return
+        client.ws.receive_data(data)
+        for event in client.ws.events():
+            if isinstance(event, Ping):
+                client.sock.sendall(client.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                with contextlib.suppress(Exception):
+                    client.sock.sendall(client.ws.send(event.response()))
+                return
+            elif isinstance(event, BytesMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    yield -1, b"".join(parts)
+                    parts = []

@@ -27,6 +27,7 @@ from streamclient import (
     spdy_connect,
     spdy_exec,
     spdy_forward,
+    tunnel_connect,
     wait_until,
     ws_connect,
     ws_exec,
@@ -427,6 +428,19 @@ def test_port_forward_over_websocket(daemon: Daemon, echo_pod: tuple[str, int]) 
     sandbox_id, port = echo_pod
     found = ws_forward(forward_url(daemon, sandbox_id), [port], b"hello")
     assert found[port] == (b"hello", b"")
+
+
+def test_port_forward_through_the_websocket_tunnel(daemon: Daemon, echo_pod: tuple[str, int]) -> None:
+    """crictl --transport websocket and kubectl's WebSocket port-forward tunnel SPDY."""
+    sandbox_id, port = echo_pod
+    client = tunnel_connect(forward_url(daemon, sandbox_id))
+    try:
+        assert client.protocol == "SPDY/3.1+portforward.k8s.io"
+        payload = secrets.token_bytes(500_000)
+        assert spdy_forward(client, 0, port, payload) == (payload, b"")
+        assert spdy_forward(client, 1, port, b"again") == (b"again", b"")
+    finally:
+        client.close()
 
 
 def test_port_forward_checks_its_request(daemon: Daemon, echo_pod: tuple[str, int]) -> None:

@@ -36,6 +36,7 @@ from shim.streaming.websocket import ChannelOutput, ChannelSocket
 log = logging.getLogger(__name__)
 
 SPDY_PROTOCOL = "portforward.k8s.io"
+TUNNEL_PROTOCOL = "SPDY/3.1+portforward.k8s.io"
 WEBSOCKET_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "portforward.k8s.io")
 PAIR_TIMEOUT = 30.0
 OTHER_SIDE_GRACE = 1.0
@@ -255,14 +256,58 @@ def _serve_spdy(upgraded: Upgraded, request: PortForwardRequest, netns: Path | N
             [("x-accepted-stream-protocol-versions", SPDY_PROTOCOL)],
         )
         return
+    _forward_over(upgraded.conn, upgraded.switch_spdy(SPDY_PROTOCOL), request, netns)
+
+
+def _forward_over(
+    sock: socket.socket, initial: bytes, request: PortForwardRequest, netns: Path | None
+) -> None:
+    """A port-forward SPDY session on `sock`, until the client hangs up."""
     forwarder = _SpdyForwarder(request, netns)
-    initial = upgraded.switch_spdy(SPDY_PROTOCOL)
-    session = spdy.Session(upgraded.conn, server=True, initial=initial, on_stream=forwarder.on_stream)
+    session = spdy.Session(sock, server=True, initial=initial, on_stream=forwarder.on_stream)
     try:
-        session.run()  # until the client hangs up
+        session.run()
     finally:
         forwarder.abort()
         session.close()
+
+
+def _serve_tunnel(upgraded: Upgraded, request: PortForwardRequest, netns: Path | None) -> None:
+    """SPDY carried in WebSocket binary messages (client-go's tunnel: crictl's
+    `--transport websocket`, kubectl's PortForwardWebsockets): the same session, fed
+    through a socket pair from a relay that unwraps and wraps the messages."""
+    ws = ChannelSocket(upgraded.conn, upgraded.switch_websocket(TUNNEL_PROTOCOL), text=False, raw=True)
+    ours, relay = socket.socketpair()
+
+    def inbound(_: int, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            relay.sendall(data)
+
+    def from_websocket() -> None:
+        try:
+            ws.run(inbound)
+        finally:
+            with contextlib.suppress(OSError):
+                relay.shutdown(socket.SHUT_RDWR)
+
+    def to_websocket() -> None:
+        with contextlib.suppress(OSError):
+            while data := relay.recv(CHUNK):
+                ws.send_raw(data)
+        ws.close()
+
+    threads = [
+        threading.Thread(target=f, name="pf-tunnel", daemon=True) for f in (from_websocket, to_websocket)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        _forward_over(ours, b"", request, netns)
+    finally:
+        ours.close()
+        for thread in threads:
+            thread.join(5)
+        relay.close()
 
 
 # ---- WebSocket ----------------------------------------------------------------------
@@ -270,6 +315,9 @@ def _serve_spdy(upgraded: Upgraded, request: PortForwardRequest, netns: Path | N
 
 def _serve_websocket(upgraded: Upgraded, request: PortForwardRequest, netns: Path | None) -> None:
     check_upgrade(upgraded)
+    if TUNNEL_PROTOCOL in upgraded.values("sec-websocket-protocol"):
+        _serve_tunnel(upgraded, request, netns)
+        return
     # The call's ports, as kubelet's server takes them; a call that named none may name
     # them in the query (?port=80&port=8080), as Kubernetes' own API does.
     ports = list(request.ports) or [

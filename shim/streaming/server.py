@@ -160,6 +160,16 @@ class StreamServer:
             else:
                 remotecommand.serve(upgraded, stored, self.targets)
         except ShimError as exc:
+            log.info(
+                "event=stream_refused kind=%s peer=%s upgrade=%s protocols=%s reason=%r",
+                kind,
+                peer,
+                upgraded.kind or "none",
+                ",".join(
+                    upgraded.values("x-stream-protocol-version") + upgraded.values("sec-websocket-protocol")
+                ),
+                str(exc),
+            )
             upgraded.refuse(_HTTP_STATUS.get(type(exc), 500), str(exc))
 
 

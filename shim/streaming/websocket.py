@@ -23,18 +23,23 @@ from wsproto.frame_protocol import CloseReason
 from shim.streaming.upgrade import half_close
 
 CLOSE_SIGNAL = 255
+RAW = -1  # the "channel" of a message on a connection without channels
 # A client message may carry stdin or forwarded data: bounded, as every frame we take.
 MAX_MESSAGE = 1024 * 1024
 _RECV = 64 * 1024
 
 
 class ChannelSocket:
-    def __init__(self, sock: socket.socket, ws: Connection, *, text: bool) -> None:
+    def __init__(self, sock: socket.socket, ws: Connection, *, text: bool, raw: bool = False) -> None:
         self.sock = sock
         self.ws = ws
         self.text = text  # base64 channels in text messages
+        self.raw = raw  # no channels: a byte stream in binary messages (the SPDY tunnel)
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
+
+    def send_raw(self, data: bytes) -> None:
+        self._send(BytesMessage(data=data))
 
     def send(self, channel: int, data: bytes) -> None:
         if self.text:
@@ -86,7 +91,11 @@ class ChannelSocket:
                         self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
                         return
                     if event.message_finished:
-                        decoded = self._decode(parts)
+                        decoded = (
+                            (RAW, b"".join(p for p in parts if isinstance(p, bytes)))
+                            if self.raw
+                            else self._decode(parts)
+                        )
                         parts, size = [], 0
                         if decoded is None:
                             self.close(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "bad channel message")
