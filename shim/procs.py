@@ -72,6 +72,17 @@ def with_argv(program: str, *args: str) -> Iterator[int]:
             yield int(entry.name)
 
 
+def chrooted() -> bool:
+    """We run in a chroot (our root is not init's): then an OCI runtime's `exec`
+    enters a container's mount namespace with that namespace's root, the real one,
+    not the container's (seen on Debian 12's runc and crun)."""
+    try:
+        ours, inits = os.stat("/"), os.stat("/proc/1/root")
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) != (inits.st_dev, inits.st_ino)
+
+
 def become_subreaper() -> None:
     """Orphaned pauses (their spawner exits) are re-parented to us, so we can reap them."""
     libc = ctypes.CDLL(None, use_errno=True)

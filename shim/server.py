@@ -43,7 +43,7 @@ from shim.images.layers import LayerStore
 from shim.images.store import ImageStore
 from shim.network.select import NetworkSelector
 from shim.pause import find_pause
-from shim.procs import ExitWatcher, OrphanReaper, become_subreaper
+from shim.procs import ExitWatcher, OrphanReaper, become_subreaper, chrooted
 from shim.rpc import fill_unimplemented, generic_handler, rpc, rpc_stream
 from shim.sandbox import ListFilter, SandboxManager
 from shim.sandbox_record import SandboxRecord, SandboxState
@@ -667,6 +667,12 @@ def serve(config: Config) -> int:
     os.umask(0o077)
     memory.tune_allocator()
     become_subreaper()
+    if chrooted():
+        log.warning(
+            "event=chrooted reason=%r",
+            "pyshim runs in a chroot: commands run by ExecSync and Exec see the node's real root "
+            "directory, not the container's (the OCI runtime's exec enters the mount namespace at its root)",
+        )
     daemon = Daemon(config)
     daemon.start()
     done = threading.Event()

@@ -400,3 +400,10 @@ def test_undecodable_and_oversized_requests_get_a_clear_status(daemon: Daemon) -
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert daemon.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "pyshim"
     assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_chrooted_daemon_warns_that_exec_sees_the_real_root(daemon: Daemon) -> None:
+    from shim.procs import chrooted
+
+    daemon.runtime.Version(api_pb2.VersionRequest(), timeout=10)
+    assert ("event=chrooted" in daemon.log.read_text()) == chrooted()
