@@ -489,6 +489,23 @@ def daemon(daemon_factory: type[Daemon]) -> Daemon:
     return daemon_factory()  # type: ignore[call-arg]
 
 
+@pytest.fixture(scope="session")
+def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image archive of Debian's busybox-static (tests/containertools.py), made once."""
+    from containertools import busybox_archive
+
+    return busybox_archive(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
+    """A daemon with the busybox image imported."""
+    from containertools import import_image
+
+    import_image(daemon, busybox)
+    return daemon
+
+
 @pytest.fixture(autouse=True)
 def leak_check(tmp_path: Path) -> Iterator[None]:
     """After each test: no pause it made is alive, no namespace pin is mounted, no veth left."""

@@ -11,23 +11,12 @@ import grpc
 import pytest
 from cgrouptools import cgroups_under, remove_cgroups_under
 from conftest import Daemon, pod_config
-from containertools import busybox_archive, container_config, create, exec_sync, import_image, info, run
+from containertools import container_config, create, exec_sync, info, run
 
 from shim._proto import api_pb2
 from shim.cgroups import Cgroups, Limits
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return busybox_archive(tmp_path_factory.mktemp("busybox"))
-
-
-@pytest.fixture
-def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
-    import_image(daemon, busybox)
-    return daemon
 
 
 def run_pod(daemon: Daemon, config: api_pb2.PodSandboxConfig) -> str:

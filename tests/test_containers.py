@@ -17,7 +17,6 @@ from cgrouptools import cgroups_under
 from conftest import Daemon, conmon_pids, mounts_under, pod_config
 from containertools import (
     IMAGE,
-    busybox_archive,
     container_config,
     create,
     exec_sync,
@@ -41,17 +40,6 @@ RUNTIMES = ("runc", "crun")
 EXEC_SEES_THE_CONTAINER = pytest.mark.skipif(
     chrooted(), reason="in a chroot, an OCI runtime's exec sees the node's root, not the container's"
 )
-
-
-@pytest.fixture(scope="session")
-def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return busybox_archive(tmp_path_factory.mktemp("busybox"))
-
-
-@pytest.fixture
-def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
-    import_image(daemon, busybox)
-    return daemon
 
 
 @pytest.fixture(params=RUNTIMES)

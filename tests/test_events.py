@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Daemon, conmon_pids, pod_config, run_pod
-from containertools import busybox_archive, container_config, create, import_image, run, start
+from containertools import container_config, create, import_image, run, start
 
 from shim._proto import api_pb2, api_pb2_grpc
 
@@ -24,17 +24,6 @@ CREATED, STARTED = api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EV
 STOPPED, DELETED = api_pb2.CONTAINER_STOPPED_EVENT, api_pb2.CONTAINER_DELETED_EVENT
 LIFECYCLE = [CREATED, STARTED, STOPPED, DELETED]
 WAIT = 30.0  # seconds an expected event may take: a bound on a wait, never an assertion
-
-
-@pytest.fixture(scope="session")
-def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return busybox_archive(tmp_path_factory.mktemp("busybox"))
-
-
-@pytest.fixture
-def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
-    import_image(daemon, busybox)
-    return daemon
 
 
 class Subscriber:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import Daemon, pod_config
-from containertools import busybox_archive, container_config, import_image, run, status, wait_state
+from containertools import container_config, run, status, wait_state
 from streamclient import (
     HTTPError,
     http_request,
@@ -37,17 +37,6 @@ from streamclient import (
 from shim._proto import api_pb2
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return busybox_archive(tmp_path_factory.mktemp("busybox"))
-
-
-@pytest.fixture
-def cdaemon(daemon: Daemon, busybox: Path) -> Daemon:
-    import_image(daemon, busybox)
-    return daemon
 
 
 @pytest.fixture(params=["crun", "runc"])

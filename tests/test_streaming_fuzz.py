@@ -113,6 +113,17 @@ def _sleeping(seconds: str) -> bool:
     return False
 
 
+def _garbage_after_upgrade(world: tuple[Daemon, str], upgrade: str, frames: bytes) -> None:
+    """A session on a `sleep` opened with the request head `upgrade` (PATH filled in),
+    then `frames`: the session ends, and its command with it."""
+    daemon, container_id = world
+    seconds = _seconds()
+    host, port, path = _where(_url(daemon, container_id, "sleep", seconds))
+    _exchange(host, port, frames, upgrade.replace("PATH", path).encode())
+    assert wait_until(lambda: not _sleeping(seconds)), "the command outlived its session"
+    _alive_and_working(daemon, container_id)
+
+
 @given(frames=st.binary(max_size=50_000), protocol=st.sampled_from(["v4.channel.k8s.io", "channel.k8s.io"]))
 @hsettings(
     max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -120,16 +131,11 @@ def _sleeping(seconds: str) -> bool:
 def test_garbage_after_a_spdy_upgrade_ends_the_session_and_its_command(
     world: tuple[Daemon, str], frames: bytes, protocol: str
 ) -> None:
-    daemon, container_id = world
-    seconds = _seconds()
-    host, port, path = _where(_url(daemon, container_id, "sleep", seconds))
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    upgrade = (
+        "POST PATH HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
         f"X-Stream-Protocol-Version: {protocol}\r\n\r\n"
-    ).encode()
-    _exchange(host, port, frames, head)
-    assert wait_until(lambda: not _sleeping(seconds)), "the command outlived its session"
-    _alive_and_working(daemon, container_id)
+    )
+    _garbage_after_upgrade(world, upgrade, frames)
 
 
 @given(
@@ -142,14 +148,9 @@ def test_garbage_after_a_spdy_upgrade_ends_the_session_and_its_command(
 def test_garbage_after_a_websocket_upgrade_ends_the_session(
     world: tuple[Daemon, str], frames: bytes, protocol: str
 ) -> None:
-    daemon, container_id = world
-    seconds = _seconds()
-    host, port, path = _where(_url(daemon, container_id, "sleep", seconds))
-    head = (
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    upgrade = (
+        "GET PATH HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {secrets.token_hex(8)}==\r\n"
         f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
-    ).encode()
-    _exchange(host, port, frames, head)
-    assert wait_until(lambda: not _sleeping(seconds)), "the command outlived its session"
-    _alive_and_working(daemon, container_id)
+    )
+    _garbage_after_upgrade(world, upgrade, frames)
