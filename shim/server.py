@@ -564,6 +564,12 @@ class Daemon:
         # nor its state. Held until the process ends.
         self._locks = lockfile.hold_all(config.root, config.run_root, config.socket)
         prepare_socket(config.socket)
+        if chrooted():  # after the locks: a daemon that may not serve says one line only
+            log.warning(
+                "event=chrooted reason=%r",
+                "pyshim runs in a chroot: commands run by ExecSync and Exec see the node's real root "
+                "directory, not the container's (the runtime's exec enters the mount namespace at its root)",
+            )
         # Listening (not yet serving) before the node is touched: a port in use stops us here.
         self.streams = StreamServer(config.stream_address, config.stream_port, _tls_files(config))
         pause = find_pause(config.pause_path)
@@ -667,12 +673,6 @@ def serve(config: Config) -> int:
     os.umask(0o077)
     memory.tune_allocator()
     become_subreaper()
-    if chrooted():
-        log.warning(
-            "event=chrooted reason=%r",
-            "pyshim runs in a chroot: commands run by ExecSync and Exec see the node's real root "
-            "directory, not the container's (the OCI runtime's exec enters the mount namespace at its root)",
-        )
     daemon = Daemon(config)
     daemon.start()
     done = threading.Event()
