@@ -182,6 +182,11 @@ def _in_test_cgroup(pid: str) -> bool:
         return False
 
 
+# Children a test started itself and put in a test cgroup (tests/test_cgroups.py): their
+# own Popen waits for them, and the reaper below must not take their exit status first.
+OWN_CHILDREN: set[int] = set()
+
+
 def reap_our_zombies() -> None:
     """Reap pauses, conmons and containers' processes re-parented to this process (see
     pytest_configure); never a child the tests started themselves (their Popen waits)."""
@@ -199,7 +204,7 @@ def reap_our_zombies() -> None:
             continue
         # A daemon's pauses, conmons and containers are in its test cgroups; a pause or a
         # program a test started itself is not, and its own Popen waits for it.
-        if _in_test_cgroup(entry.name):
+        if _in_test_cgroup(entry.name) and int(entry.name) not in OWN_CHILDREN:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry.name), os.WNOHANG)
 

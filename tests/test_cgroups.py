@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cgrouptools import cgroups_under, remove_cgroups_under
+from conftest import OWN_CHILDREN
 
 from shim.cgroups import BadCgroupPath, CgroupBusy, Cgroups, Hierarchy, Limits, cpu_shares_to_weight
 from shim.errors import Internal, InvalidArgument, NotFound
@@ -58,6 +59,7 @@ def spawn(prefix: str) -> Iterator[Spawn]:
 
     def start(*argv: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        OWN_CHILDREN.add(proc.pid)  # joins a test cgroup: not the zombie reaper's to take
         started.append(proc)
         return proc
 
@@ -65,6 +67,7 @@ def spawn(prefix: str) -> Iterator[Spawn]:
     for proc in started:
         proc.kill()
         proc.wait()
+        OWN_CHILDREN.discard(proc.pid)
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
