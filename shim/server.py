@@ -363,9 +363,7 @@ class RuntimeService:
     def PortForward(
         self, request: api_pb2.PortForwardRequest, context: grpc.ServicerContext
     ) -> api_pb2.PortForwardResponse:
-        record = self.sandboxes.get(_required_id(request.pod_sandbox_id))
-        if record.state is not SandboxState.READY:
-            raise FailedPrecondition(f"pod sandbox {record.id} is not ready: nothing to forward to")
+        record = streaming.ready_pod(self.sandboxes, _required_id(request.pod_sandbox_id))
         if len(request.port) > MAX_FORWARDED_PORTS:
             raise InvalidArgument(f"{len(request.port)} ports; at most {MAX_FORWARDED_PORTS} per request")
         for port in request.port:
@@ -375,10 +373,7 @@ class RuntimeService:
         return api_pb2.PortForwardResponse(url=self.streams.url(stored))
 
     def _running(self, container_id: str) -> ContainerRecord:
-        record = self.containers.get(validate.id_prefix(container_id, "container id"))
-        if record.state is not ContainerState.RUNNING:
-            raise FailedPrecondition(f"container {record.id} is {record.state.value}, not running")
-        return record
+        return self.containers.running(validate.id_prefix(container_id, "container id"))
 
     @rpc
     def ContainerStats(

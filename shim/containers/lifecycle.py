@@ -556,20 +556,26 @@ class ContainerManager:
                 f"container {record.id}: its monitor is gone, the log cannot be reopened"
             )
 
-    def exec_sync(self, container_id: str, cmd: list[str], timeout: float) -> ExecResult:
-        container = self.registry.get(container_id)
-        record = container.record
+    def running(self, container_id: str) -> ContainerRecord:
+        """The container's record if it runs: what commands, attach and streams need."""
+        record = self.registry.get(container_id).record
         if record.state is not ContainerState.RUNNING:
-            raise FailedPrecondition(
-                f"container {record.id} is {record.state.value}: commands run only in running ones"
-            )
+            raise FailedPrecondition(f"container {record.id} is {record.state.value}, not running")
+        return record
+
+    def tasks(self, record: ContainerRecord) -> Callable[[], list[int]]:
+        """Lists the pids in the container's cgroup (what an exec'd command may have started)."""
+        return lambda: self.cgroups.procs(record.cgroup)
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: float) -> ExecResult:
+        record = self.running(container_id)
         return exec_sync(
             self.runtime(record.runtime_handler),
             record.id,
             self.bundle(record.id),
             cmd,
             timeout,
-            lambda: self.cgroups.procs(record.cgroup),
+            self.tasks(record),
         )
 
     def runtime_info(self, record: ContainerRecord) -> tuple[dict[str, object] | None, dict[str, str]]:

@@ -12,10 +12,9 @@ from google.protobuf.message import DecodeError
 from shim._proto import api_pb2
 from shim.containers.conmon import CONTROL_FIFO
 from shim.containers.lifecycle import ContainerManager
-from shim.containers.record import ContainerRecord, ContainerState
 from shim.errors import FailedPrecondition
 from shim.sandbox import SandboxManager
-from shim.sandbox_record import SandboxState
+from shim.sandbox_record import SandboxRecord, SandboxState
 from shim.streaming.session import AttachTarget, ExecTarget
 
 
@@ -52,18 +51,18 @@ class Targets:
         self.containers = containers
 
     def exec_target(self, request: ExecRequest) -> ExecTarget:
-        record = self._running(request.container_id)
+        record = self.containers.running(request.container_id)
         return ExecTarget(
             runtime=self.containers.runtime(record.runtime_handler),
             container_id=record.id,
             bundle=self.containers.bundle(record.id),
             cmd=request.cmd,
             tty=request.tty,
-            tasks=lambda: self.containers.cgroups.procs(record.cgroup),
+            tasks=self.containers.tasks(record),
         )
 
     def attach_target(self, request: AttachRequest) -> AttachTarget:
-        record = self._running(request.container_id)
+        record = self.containers.running(request.container_id)
         bundle = self.containers.bundle(record.id)
         config = api_pb2.ContainerConfig()
         try:
@@ -80,14 +79,13 @@ class Targets:
 
     def netns(self, request: PortForwardRequest) -> Path | None:
         """The pod's network namespace; None for a pod on the node's network."""
-        record = self.sandboxes.get(request.sandbox_id)
-        if record.state is not SandboxState.READY:
-            raise FailedPrecondition(f"pod sandbox {record.id} is not ready: nothing to forward to")
-        net = record.namespaces.get("net")
+        net = ready_pod(self.sandboxes, request.sandbox_id).namespaces.get("net")
         return Path(net) if net else None
 
-    def _running(self, container_id: str) -> ContainerRecord:
-        record = self.containers.get(container_id)
-        if record.state is not ContainerState.RUNNING:
-            raise FailedPrecondition(f"container {record.id} is {record.state.value}, not running")
-        return record
+
+def ready_pod(sandboxes: SandboxManager, sandbox_id: str) -> SandboxRecord:
+    """The pod's record if it is ready: ports are forwarded only into a live pod."""
+    record = sandboxes.get(sandbox_id)
+    if record.state is not SandboxState.READY:
+        raise FailedPrecondition(f"pod sandbox {record.id} is not ready: nothing to forward to")
+    return record
