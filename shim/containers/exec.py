@@ -16,7 +16,7 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,23 +51,18 @@ def exec_sync(
     groups, capabilities, no_new_privs, cwd, environment); timeout 0 waits for ever.
     `tasks` lists the pids in the container's cgroup: on timeout, those the command
     started are killed too."""
-    token = secrets.token_hex(8)
-    pid_file = bundle / f"exec-{token}.pid"
-    process_file = bundle / f"exec-{token}.json"
-    # Spelled out, as CRI-O does: crun's exec without --process runs as root in /.
-    write_atomically(process_file, json.dumps(process_for(bundle, cmd)).encode(), durable=False)
-    proc = subprocess.Popen(
-        runtime.argv("exec", "--process", str(process_file), "--pid-file", str(pid_file), container_id),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ENV,
-        start_new_session=True,
-    )
-    try:
+    with exec_files(bundle, cmd) as files:
+        proc = subprocess.Popen(
+            files.argv(runtime, container_id),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+            start_new_session=True,
+        )
         out, err, problem = _collect(proc, time.monotonic() + timeout if timeout > 0 else None)
         if problem is not None:
-            kill_command(proc, pid_file, tasks)
+            kill_command(proc, files.pid, tasks)
             proc.wait()
             if problem == "timeout":
                 raise DeadlineExceeded(
@@ -78,9 +73,33 @@ def exec_sync(
                 "it was killed"
             )
         return ExecResult(stdout=out, stderr=err, exit_code=proc.wait())
+
+
+@dataclass(frozen=True, slots=True)
+class ExecFiles:
+    """An exec's process spec and the pid file the runtime writes, in the bundle."""
+
+    process: Path
+    pid: Path
+
+    def argv(self, runtime: Runtime, container_id: str, *extra: str) -> list[str]:
+        return runtime.argv(
+            "exec", "--process", str(self.process), "--pid-file", str(self.pid), *extra, container_id
+        )
+
+
+@contextlib.contextmanager
+def exec_files(bundle: Path, cmd: list[str], terminal: bool = False) -> Iterator[ExecFiles]:
+    """The files of one exec, removed when it is over."""
+    token = secrets.token_hex(8)
+    files = ExecFiles(process=bundle / f"exec-{token}.json", pid=bundle / f"exec-{token}.pid")
+    # Spelled out, as CRI-O does: crun's exec without --process runs as root in /.
+    write_atomically(files.process, json.dumps(process_for(bundle, cmd, terminal)).encode(), durable=False)
+    try:
+        yield files
     finally:
-        pid_file.unlink(missing_ok=True)
-        process_file.unlink(missing_ok=True)
+        files.pid.unlink(missing_ok=True)
+        files.process.unlink(missing_ok=True)
 
 
 def process_for(bundle: Path, cmd: list[str], terminal: bool = False) -> dict[str, Any]:

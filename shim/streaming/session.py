@@ -15,7 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -31,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shim.containers.exec import ENV, kill_command, process_for
+from shim.containers.exec import ENV, ExecFiles, exec_files, kill_command
 from shim.containers.runtime import Runtime
 from shim.errors import FailedPrecondition, Internal
-from shim.store import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -138,26 +136,12 @@ def _logged(target: Callable[[], None], name: str) -> Callable[[], None]:
 
 def run_exec(target: ExecTarget, io: StreamIO) -> int:
     """Run the command with the client's stdio; its exit code (128+N after signal N)."""
-    token = secrets.token_hex(8)
-    pid_file = target.bundle / f"exec-{token}.pid"
-    process_file = target.bundle / f"exec-{token}.json"
-    process = process_for(target.bundle, list(target.cmd), terminal=target.tty)
-    write_atomically(process_file, json.dumps(process).encode(), durable=False)
-    try:
+    with exec_files(target.bundle, list(target.cmd), terminal=target.tty) as files:
         if target.tty and target.runtime.kind == "runc":
-            return _exec_host_terminal(target, io, process_file, pid_file)
+            return _exec_host_terminal(target, io, files)
         if target.tty:
-            return _exec_terminal(target, io, process_file, pid_file)
-        return _exec_pipes(target, io, process_file, pid_file)
-    finally:
-        pid_file.unlink(missing_ok=True)
-        process_file.unlink(missing_ok=True)
-
-
-def _exec_argv(target: ExecTarget, process_file: Path, pid_file: Path, *extra: str) -> list[str]:
-    return target.runtime.argv(
-        "exec", "--process", str(process_file), "--pid-file", str(pid_file), *extra, target.container_id
-    )
+            return _exec_terminal(target, io, files)
+        return _exec_pipes(target, io, files)
 
 
 def _killer(
@@ -177,16 +161,16 @@ def _killer(
     return kill
 
 
-def _exec_pipes(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: Path) -> int:
+def _exec_pipes(target: ExecTarget, io: StreamIO, files: ExecFiles) -> int:
     proc = subprocess.Popen(
-        _exec_argv(target, process_file, pid_file),
+        files.argv(target.runtime, target.container_id),
         stdin=subprocess.PIPE if io.stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
         start_new_session=True,
     )
-    io.on_abort(_killer(proc, pid_file, target, "client gone"))
+    io.on_abort(_killer(proc, files.pid, target, "client gone"))
     if io.stdin is not None:
         assert proc.stdin is not None
         # The pump owns the pipe's write end: the command sees EOF when the client's
@@ -251,7 +235,7 @@ def _exit_code(status: int) -> int:
     return 128 - status if status < 0 else status
 
 
-def _exec_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: Path) -> int:
+def _exec_terminal(target: ExecTarget, io: StreamIO, files: ExecFiles) -> int:
     # A path the runtime can connect to, short enough for sun_path whatever the state dirs.
     where = Path(tempfile.mkdtemp(prefix="pyshim-tty-"))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -261,7 +245,7 @@ def _exec_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_fil
         listener.bind(str(console))
         listener.listen(1)
         proc = subprocess.Popen(
-            _exec_argv(target, process_file, pid_file, "--console-socket", str(console)),
+            files.argv(target.runtime, target.container_id, "--console-socket", str(console)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -271,9 +255,9 @@ def _exec_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_fil
         try:
             master = _receive_terminal(listener, proc, target)
         except BaseException:
-            kill_command(proc, pid_file, target.tasks)
+            kill_command(proc, files.pid, target.tasks)
             raise
-        io.on_abort(_killer(proc, pid_file, target, "client gone"))
+        io.on_abort(_killer(proc, files.pid, target, "client gone"))
         return _serve_terminal(master, proc, io, lambda fd, size: _set_size(fd, size))
     finally:
         listener.close()
@@ -282,7 +266,7 @@ def _exec_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_fil
         shutil.rmtree(where, ignore_errors=True)
 
 
-def _exec_host_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pid_file: Path) -> int:
+def _exec_host_terminal(target: ExecTarget, io: StreamIO, files: ExecFiles) -> int:
     """runc uses a console socket only when it detaches (and then the command's exit
     would be reaped by others): in the foreground it relays between its own stdio and
     the container's terminal, so its stdio is a terminal of ours, as CRI-O does. It
@@ -291,7 +275,7 @@ def _exec_host_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pi
     master, slave = os.openpty()
     try:
         proc = subprocess.Popen(
-            _exec_argv(target, process_file, pid_file),
+            files.argv(target.runtime, target.container_id),
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -304,7 +288,7 @@ def _exec_host_terminal(target: ExecTarget, io: StreamIO, process_file: Path, pi
     finally:
         os.close(slave)
     try:
-        io.on_abort(_killer(proc, pid_file, target, "client gone"))
+        io.on_abort(_killer(proc, files.pid, target, "client gone"))
 
         return _serve_terminal(master, proc, io, lambda fd, size: _resize_runc(fd, size, proc))
     finally:
