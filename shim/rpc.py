@@ -52,29 +52,14 @@ def rpc(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
-        response = None
         try:
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(
-                    f"{name}: the request is not a valid {request.type_name}: {request.reason}"
-                )
-            response = method(self, request, context)
+            response = method(self, _decoded(name, request), context)
         except ShimError as exc:
             calls.done(exc.code.name, time.perf_counter() - start)  # before abort, which raises
-            message = bounded(str(exc))
-            log.warning(
-                "rpc=%s code=%s ms=%.2f%s error=%r",
-                name,
-                exc.code.name,
-                _ms(start),
-                _subject(request, None),
-                message,
-            )
-            context.abort(exc.code, message)
+            _abort(name, start, exc, context, _subject(request, None))
         except Exception:
             calls.done("INTERNAL", time.perf_counter() - start)
-            log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), _subject(request, None))
-            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
+            _internal(name, start, context, _subject(request, None))
         calls.done("OK", time.perf_counter() - start)
         if log.isEnabledFor(level):
             log.log(level, "rpc=%s code=OK ms=%.2f%s", name, _ms(start), _subject(request, response))
@@ -86,24 +71,32 @@ def rpc(method: F) -> F:
 def rpc_stream(method: F) -> F:
     """`rpc` for a server-streaming method: `method` does its checks and returns the
     responses' iterator; an error raised then, or while the stream runs, is mapped
-    as `rpc` maps it. Its opening and its end are logged."""
+    as `rpc` maps it. Its opening (counted in the call metrics) and its end are logged."""
     name = method.__name__
+    calls = metrics.CallMetrics(method.__qualname__.partition(".")[0], name)
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
         try:
-            if isinstance(request, Undecodable):
-                raise InvalidArgument(
-                    f"{name}: the request is not a valid {request.type_name}: {request.reason}"
-                )
-            responses = method(self, request, context)
+            responses = method(self, _decoded(name, request), context)
         except ShimError as exc:
+            calls.done(exc.code.name, time.perf_counter() - start)
             _abort(name, start, exc, context)
+        except Exception:
+            calls.done("INTERNAL", time.perf_counter() - start)
+            _internal(name, start, context)
+        calls.done("OK", time.perf_counter() - start)
         log.info("rpc=%s code=OK ms=%.2f stream=open", name, _ms(start))
         return _streamed(name, responses, context)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _decoded(name: str, request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(f"{name}: the request is not a valid {request.type_name}: {request.reason}")
+    return request
 
 
 def _streamed(name: str, responses: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
@@ -114,17 +107,21 @@ def _streamed(name: str, responses: Iterator[Any], context: grpc.ServicerContext
         log.info("rpc=%s code=CANCELLED ms=%.2f stream=closed", name, _ms(start))
         raise
     except ShimError as exc:
-        _abort(name, start, exc, context)
+        _abort(name, start, exc, context, " stream=closed")
     except Exception:
-        log.exception("rpc=%s code=INTERNAL ms=%.2f stream=closed", name, _ms(start))
-        context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
+        _internal(name, start, context, " stream=closed")
     log.info("rpc=%s code=OK ms=%.2f stream=closed", name, _ms(start))
 
 
-def _abort(name: str, start: float, exc: ShimError, context: grpc.ServicerContext) -> None:
+def _abort(name: str, start: float, exc: ShimError, context: grpc.ServicerContext, subject: str = "") -> None:
     message = bounded(str(exc))
-    log.warning("rpc=%s code=%s ms=%.2f error=%r", name, exc.code.name, _ms(start), message)
+    log.warning("rpc=%s code=%s ms=%.2f%s error=%r", name, exc.code.name, _ms(start), subject, message)
     context.abort(exc.code, message)
+
+
+def _internal(name: str, start: float, context: grpc.ServicerContext, subject: str = "") -> None:
+    log.exception("rpc=%s code=INTERNAL ms=%.2f%s", name, _ms(start), subject)
+    context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error in pyshim (details in its log)")
 
 
 def bounded(message: str) -> str:
