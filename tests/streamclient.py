@@ -238,8 +238,9 @@ class WebSocketClient:
         else:
             self.sock.sendall(self.ws.send(BytesMessage(data=bytes([channel]) + data)))
 
-    def messages(self) -> Iterator[tuple[int, bytes]]:
-        """Every (channel, payload) until the server closes."""
+    def messages(self, raw: bool = False) -> Iterator[tuple[int, bytes]]:
+        """Every (channel, payload) until the server closes; with `raw`, every binary
+        message whole as (-1, payload), for a connection without channels (a tunnel)."""
         parts: list[bytes | str] = []
         while not self.closed:
             while self.pending:
@@ -258,7 +259,7 @@ class WebSocketClient:
                 elif isinstance(event, Message):
                     parts.append(event.data)
                     if event.message_finished:
-                        self.pending.append(_decode(parts))
+                        self.pending.append((-1, b"".join(map(bytes, parts))) if raw else _decode(parts))
                         parts = []
         while self.pending:
             yield self.pending.pop(0)
@@ -369,7 +370,7 @@ def tunnel_connect(url: str) -> SpdyClient:
     def from_websocket() -> None:
         with contextlib.suppress(OSError):
             client.sock.settimeout(None)
-            for _, data in _raw_messages(client):
+            for _, data in client.messages(raw=True):
                 relay.sendall(data)
         with contextlib.suppress(OSError):
             relay.shutdown(socket.SHUT_RDWR)
@@ -387,25 +388,3 @@ def tunnel_connect(url: str) -> SpdyClient:
     reader = threading.Thread(target=session.run, daemon=True)
     reader.start()
     return SpdyClient(ours, session, client.protocol, reader, (client.sock, relay))
-
-
-def _raw_messages(client: WebSocketClient) -> Iterator[tuple[int, bytes]]:
-    """Binary messages whole, without a channel byte."""
-    parts: list[bytes] = []
-    while True:
-        data = client.sock.recv(65536)
-        if not data:
-            return
-        client.ws.receive_data(data)
-        for event in client.ws.events():
-            if isinstance(event, Ping):
-                client.sock.sendall(client.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                with contextlib.suppress(Exception):
-                    client.sock.sendall(client.ws.send(event.response()))
-                return
-            elif isinstance(event, BytesMessage):
-                parts.append(event.data)
-                if event.message_finished:
-                    yield -1, b"".join(parts)
-                    parts = []
